@@ -709,6 +709,7 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                       f"{steps_per_epoch} steps/epoch x {tcfg.epochs} epochs, {world} process(es) on {device}, "
                       f"lr {peak_lr:.2e} (effective batch {images_per_step * world}), run folder {out}")
     saved_step = step if tcfg.resume else -1
+    start = time.perf_counter()
     with Progress(*columns, console=console, disable=not main) as progress:
         task = progress.add_task("train", total=stop, completed=step, loss=float("nan"), lr=0.0, ips=0.0)
         if step == 0:  # the held-out loss before training, the floor every later number is read against
@@ -767,7 +768,7 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                     break
             if step % steps_per_epoch == 0:  # the epoch is complete: held-out loss, then a checkpoint
                 val_loss = evaluate_loss(raw, val_loader, device, amp_dtype, world, seed=tcfg.seed)
-                write_log(step=step, epoch=epoch + 1, val_loss=val_loss)
+                write_log(step=step, epoch=epoch + 1, val_loss=val_loss, elapsed_s=round(time.perf_counter() - start, 1))
                 if main:
                     progress.console.print(f"epoch {epoch + 1}: held-out loss {val_loss:.4f}")
                 if saved_step != step:
