@@ -207,6 +207,8 @@ def load_model(source, methods, method="", random_init=False, seed=0, overrides=
     official = "config" not in ckpt
     values = official_config(ckpt["model"], ckpt.get("args"), fields) if official else dict(ckpt["config"])
     for key, value in (overrides or {}).items():
+        if key not in fields and not value:  # e.g. --drop-path 0 for a method without drop path
+            continue
         if key not in fields:
             raise ValueError(f"{name}'s Config has no field {key!r}, so --{key.replace('_', '-')} cannot be set")
         values[key] = value
@@ -570,6 +572,8 @@ def pretraining_summary(info):
     """What the encoder was pre-trained on, from the run folder's log.jsonl: (text, seconds or None)."""
     if info["official"]:
         return "official checkpoint", None
+    if info["ckpt"].get("finetune"):
+        return f"fine-tuned {info['ckpt']['epoch']} ep, see {info['run_dir']}", None
     train = info["train"]
     rows = []
     log = info["run_dir"] / "log.jsonl"
@@ -798,9 +802,13 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
                                  "lr": lr, **metrics, "elapsed_s": round(time.perf_counter() - start, 1)})
                 bar.console.print(f"epoch {epoch + 1}: top-1 {top1:.4f}, top-5 {top5:.4f}, val loss {val_loss:.4f}"
                                   + (f", EMA top-1 {metrics['ema_top1']:.4f}" if ema is not None else ""))
-                common.save_checkpoint({"model": clf.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                                        "epoch": epoch + 1, "method": info["method"],
-                                        "config": dataclasses.asdict(info["config"])}, out / "checkpoint.pt")
+                # a checkpoint of ours: knn / linprobe / visualize / finetune read it like a pre-training one
+                common.save_checkpoint({"model": model.state_dict(), "method": info["method"],
+                                        "config": dataclasses.asdict(info["config"]), "train": info["train"],
+                                        "code": info["ckpt"].get("code"), "git": common.git_hash(), "epoch": epoch + 1,
+                                        "head": {k: v for k, v in clf.state_dict().items() if not k.startswith("encoder.")},
+                                        "ema": ema.module.state_dict() if ema is not None else None,
+                                        "finetune": dataclasses.asdict(fcfg)}, out / "checkpoint.pt")
     if not main:
         return None, out
     metrics.update(train_images=len(train_set), val_images=len(val_set))
