@@ -82,7 +82,7 @@ class KnnConfig:
 
 @dataclass
 class LinprobeConfig:
-    epochs: int = 90  # MAE paper, Appendix A.3: 90 epochs
+    epochs: int = 90  # MAE paper, Appendix A.1: 90 epochs
     warmup_epochs: int = 10  # official main_linprobe.py
     batch_size: int = 256  # images per step (official: 16,384 with LARS)
     blr: float = 0.1  # base learning rate, lr = blr * batch / 256 (official main_linprobe.py)
@@ -96,21 +96,21 @@ class LinprobeConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 100  # MAE paper, Appendix A.2: 100 epochs for ViT-B (50 for ViT-L/H)
-    warmup_epochs: int = 5  # MAE paper, Appendix A.2
+    epochs: int = 100  # MAE paper, Appendix A.1: 100 epochs for ViT-B (50 for ViT-L/H, official FINETUNE.md)
+    warmup_epochs: int = 5  # MAE paper, Appendix A.1
     batch_size: int = 32  # images per process and step (official: 32 per GPU x 32 GPUs = 1024)
     accum_iter: int = 1  # gradient accumulation: effective batch = batch_size * accum_iter * processes
-    blr: float = 5e-4  # base learning rate, lr = blr * effective batch / 256 (MAE paper, Appendix A.2, ViT-B)
+    blr: float = 5e-4  # base learning rate, lr = blr * effective batch / 256 (MAE paper, Appendix A.1, ViT-B)
     min_lr: float = 1e-6  # floor of the cosine schedule (official main_finetune.py)
-    weight_decay: float = 0.05  # AdamW weight decay (MAE paper, Appendix A.2)
-    layer_decay: float = 0.65  # layer-wise lr decay (MAE paper, Appendix A.2: 0.65 for ViT-B, 0.75 for ViT-L/H)
+    weight_decay: float = 0.05  # AdamW weight decay (MAE paper, Appendix A.1)
+    layer_decay: float = 0.65  # layer-wise lr decay (MAE paper, Appendix A.1: 0.65 for ViT-B, 0.75 for ViT-L/H, official FINETUNE.md)
     drop_path: float = 0.1  # stochastic depth, sets the method Config's drop_path (MAE paper: 0.1 for ViT-B)
-    mixup: float = 0.8  # mixup alpha, 0 = off (MAE paper, Appendix A.2)
-    cutmix: float = 1.0  # cutmix alpha, 0 = off (MAE paper, Appendix A.2)
-    smoothing: float = 0.1  # label smoothing (MAE paper, Appendix A.2)
+    mixup: float = 0.8  # mixup alpha, 0 = off (MAE paper, Appendix A.1)
+    cutmix: float = 1.0  # cutmix alpha, 0 = off (MAE paper, Appendix A.1)
+    smoothing: float = 0.1  # label smoothing (MAE paper, Appendix A.1)
     randaug_n: int = 2  # RandAugment operations per image, 0 = off (timm rand-m9: 2 ops)
-    randaug_m: int = 9  # RandAugment magnitude (MAE paper, Appendix A.2: (9, 0.5))
-    reprob: float = 0.25  # random erasing probability (MAE paper, Appendix A.2)
+    randaug_m: int = 9  # RandAugment magnitude (MAE paper, Appendix A.1: (9, 0.5))
+    reprob: float = 0.25  # random erasing probability (MAE paper, Appendix A.1)
     ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated beside them (0 = off)
     clip_grad: float = 0.0  # clip the gradient norm to this value (0 = off, as the official recipe)
     amp: str = "bf16"  # autocast on GPU: bf16 | fp16 | fp32; CPU runs are fp32
@@ -156,14 +156,15 @@ def official_config(state, args=None, fields=()):
     if embed_dim not in heads:
         raise ValueError(f"cannot tell the number of heads of a {embed_dim}-d ViT: only the sizes "
                          f"{', '.join(map(str, heads))} of common.VIT_SIZES are known")
-    values = {k: v for k, v in vars(args or {}).items() if k in fields and k != "drop_path"}  # e.g. norm_pix_loss
-    values.update(img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                  depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
-                  num_heads=heads[embed_dim], mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim)
+    given = vars(args) if args is not None else {}
+    values = {k: v for k, v in given.items() if k in fields and k != "drop_path"}  # e.g. norm_pix_loss, mask_ratio
+    values.update(img_size=int(grid * patch_size), patch_size=int(patch_size), in_chans=int(in_chans),
+                  embed_dim=int(embed_dim), depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
+                  num_heads=heads[int(embed_dim)], mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / int(embed_dim))
     if "decoder_embed.weight" in state:  # a full checkpoint (official *_full.pth): the decoder too
-        values.update(decoder_embed_dim=state["decoder_embed.weight"].shape[0], decoder_num_heads=16,
+        values.update(decoder_embed_dim=int(state["decoder_embed.weight"].shape[0]), decoder_num_heads=16,
                       decoder_depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks.")))
-    return {k: int(v) if isinstance(v, torch.Size) or hasattr(v, "__index__") else v for k, v in values.items()}
+    return values
 
 
 def feature_param_names(model):
@@ -242,8 +243,8 @@ def load_model(source, methods, method="", random_init=False, seed=0, overrides=
     return model, info
 
 
-def eval_datasets(ecfg, info):
-    """(data name, train set, val set) following EvalConfig, defaulting to the pre-training data."""
+def eval_datasets(ecfg, info, splits=("train", "val")):
+    """(data name, *the splits' data sets) following EvalConfig, defaulting to the pre-training data."""
     pre = info["train"]
     data = ecfg.data or pre.get("data") or "imagenet"
     same = data == pre.get("data")
@@ -254,12 +255,10 @@ def eval_datasets(ecfg, info):
         raise ValueError(f"{data} has {channels} channel(s) but the model takes {in_chans}: "
                          f"evaluate on a data set with {in_chans} channel(s)")
     data_dir = ecfg.data_dir or (pre.get("data_dir") if same else None) or "data"
-    sizes = [s if s >= 0 else (pre.get(f"{split}_size", 0) if same else 0)
-             for s, split in ((ecfg.train_size, "train"), (ecfg.val_size, "val"))]
-    img_size = info["config"].img_size
-    train_set = common.load_dataset(data, "train", data_dir, sizes[0], img_size, ecfg.download)
-    val_set = common.load_dataset(data, "val", data_dir, sizes[1], img_size, ecfg.download)
-    return data, train_set, val_set
+    given = {"train": ecfg.train_size, "val": ecfg.val_size}
+    sizes = {k: v if v >= 0 else (pre.get(f"{k}_size", 0) if same else 0) for k, v in given.items()}
+    return data, *(common.load_dataset(data, split, data_dir, sizes[split], info["config"].img_size, ecfg.download)
+                   for split in splits)
 
 
 def num_classes(dataset):
@@ -817,8 +816,7 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
 
 def run_visualize(model, info, ecfg, vcfg, sample_inputs, console):
     """Write the reconstruction picture; returns its path and (width, height)."""
-    data, train_set, val_set = eval_datasets(ecfg, info)
-    dataset = val_set if vcfg.split == "val" else train_set
+    data, dataset = eval_datasets(ecfg, info, (vcfg.split,))
     name = f"reconstructions{'-random-init' if ecfg.random_init else ''}-{data}-{vcfg.split}-s{ecfg.seed}.png"
     path = Path(ecfg.out or info["run_dir"] / name)
     model.to(common.pick_device(ecfg.device))

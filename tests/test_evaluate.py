@@ -174,6 +174,11 @@ def test_official_encoder_only_checkpoint(tmp_path):
     r = run_cli("knn", tmp_path / "official.pth", "--data", "shapes", *FAST, "--out", tmp_path / "knn")
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((tmp_path / "knn" / "result.json").read_text())["pretraining"] == "official checkpoint"
+    full = official_checkpoint(tmp_path / "full.pth", full=True)  # official *_full.pth: with the decoder
+    loaded, _ = evaluate.load_model(tmp_path / "full.pth", cli.METHODS, "mae", need_all=True)
+    assert loaded.cfg.decoder_depth == 1 and loaded.cfg.decoder_embed_dim == 64 and loaded.cfg.norm_pix_loss is True
+    noise = torch.rand(2, 16)
+    assert torch.equal(loaded.eval()(imgs, noise=noise)[1], full.eval()(imgs, noise=noise)[1])
     r = run_cli("visualize", tmp_path / "official.pth", "--data", "shapes", *FAST)
     assert r.returncode == 2 and "lacks weights of the whole model" in r.stdout and "Traceback" not in r.stdout + r.stderr
 
