@@ -266,3 +266,28 @@ def test_random_init_encoder_evaluates_worse_than_a_briefly_trained_one(tmp_path
         top1[random_init] = knn["metrics"]["top1"], probe["metrics"]["top1"]
     assert top1[False][0] > top1[True][0] + 0.1, top1  # knn
     assert top1[False][1] > top1[True][1] + 0.1, top1  # linear probe
+
+
+@pytest.mark.slow
+def test_finetune_on_two_processes_matches_one(tiny_run, tmp_path):
+    """torchrun with 2 processes x 16 images = 1 process x 32: the same samples, crops and weights (gloo, CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    plain = ["--train-size", "64", "--val-size", "32", "--num-workers", "0", "--epochs", "2", "--mixup", "0",
+             "--cutmix", "0", "--drop-path", "0", "--reprob", "0", "--blr", "1e-2", "--warmup-epochs", "0"]
+    r = run_cli("finetune", tiny_run, *plain, "--batch-size", "32", "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stdout + r.stderr
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", "29531", "cli.py", "finetune", str(tiny_run), *plain,
+                        "--batch-size", "16", "--out", str(tmp_path / "two")], cwd=Path(cli.__file__).parent,
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two"))
+    start = torch.load(tiny_run / "checkpoint.pt", weights_only=False)["model"]
+    assert (one["model"]["blocks.0.attn.qkv.weight"] - start["blocks.0.attn.qkv.weight"]).abs().max() > 1e-3  # it trained
+    for name in one["model"]:
+        assert torch.allclose(one["model"][name], two["model"][name], atol=1e-5), name
+    assert torch.allclose(one["head"]["head.weight"], two["head"]["head.weight"], atol=1e-5)
