@@ -188,11 +188,13 @@ def run_eval(command, source, **options):
     try:
         ecfg, ccfg = build(evaluate.EvalConfig, given), build(ccls, given)
         overrides = {"drop_path": ccfg.drop_path} if command == "finetune" else {}
+        needs_decoder = command == "visualize" and not ecfg.random_init
         model, info = evaluate.load_model(source, METHODS, ecfg.method or OFFICIAL_CHECKPOINT_METHOD, ecfg.random_init,
-                                          ecfg.seed, overrides, need_all=command == "visualize" and not ecfg.random_init)
+                                          ecfg.seed, overrides, need_all=needs_decoder)
         if command == "visualize":
             sample_inputs = getattr(info["module"], "sample_inputs", None)
-            path, (width, height) = run(model, info, ecfg, ccfg, sample_inputs and _Bound(sample_inputs, info["config"]), console)
+            sample_inputs = sample_inputs and _Bound(sample_inputs, info["config"])
+            path, (width, height) = run(model, info, ecfg, ccfg, sample_inputs, console)
             console.print(f"wrote {path} ({width} x {height} px)")
             return
         files = [evaluate.__file__, common.__file__, __file__, info["module"].__file__]
@@ -201,7 +203,8 @@ def run_eval(command, source, **options):
         fail(str(e), code=1 if isinstance(e, FloatingPointError) else 2)
     if result:
         m = result["metrics"]
-        console.print(f"{command} {result['method']}{' (random init)' if ecfg.random_init else ''} on {result['data']}: "
+        init = " (random init)" if ecfg.random_init else ""
+        console.print(f"{command} {result['method']}{init} on {result['data']}: "
                       f"top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f} ({result['wall_s']:.0f} s); result folder {out}")
 
 

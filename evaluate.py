@@ -55,7 +55,7 @@ import common
 
 @dataclass
 class EvalConfig:
-    data: str = ""  # data set to evaluate on (default: the checkpoint's pre-training data; imagenet for official checkpoints)
+    data: str = ""  # data set to evaluate on (default: the checkpoint's pre-training data; official ones: imagenet)
     data_dir: str = ""  # where data sets live (default: the checkpoint's --data-dir, else data)
     download: bool = False  # let torchvision download CIFAR / Fashion-MNIST into --data-dir
     train_size: int = -1  # use N training images (-1 = as in pre-training if the data is the same, else all; 0 = all)
@@ -103,7 +103,7 @@ class FinetuneConfig:
     blr: float = 5e-4  # base learning rate, lr = blr * effective batch / 256 (MAE paper, Appendix A.1, ViT-B)
     min_lr: float = 1e-6  # floor of the cosine schedule (official main_finetune.py)
     weight_decay: float = 0.05  # AdamW weight decay (MAE paper, Appendix A.1)
-    layer_decay: float = 0.65  # layer-wise lr decay (MAE paper, Appendix A.1: 0.65 for ViT-B, 0.75 for ViT-L/H, official FINETUNE.md)
+    layer_decay: float = 0.65  # layer-wise lr decay (MAE paper, Appendix A.1: ViT-B 0.65; FINETUNE.md: L/H 0.75)
     drop_path: float = 0.1  # stochastic depth, sets the method Config's drop_path (MAE paper: 0.1 for ViT-B)
     mixup: float = 0.8  # mixup alpha, 0 = off (MAE paper, Appendix A.1)
     cutmix: float = 1.0  # cutmix alpha, 0 = off (MAE paper, Appendix A.1)
@@ -132,7 +132,7 @@ class FinetuneConfig:
 class VisualizeConfig:
     num_images: int = 8  # rows of the picture: the first N images of the split
     split: str = "val"  # val | train
-    norm_pix: str = "denorm"  # norm-pix models: denorm (each patch's true mean and std put back) | raw (normalised space)
+    norm_pix: str = "denorm"  # norm-pix models: denorm (each patch's true mean and std put back) | raw (as predicted)
     scale: int = 0  # enlarge each picture by this factor (0 = to about 128 px)
 
     def __post_init__(self):
@@ -159,7 +159,8 @@ def official_config(state, args=None, fields=()):
     given = vars(args) if args is not None else {}
     values = {k: v for k, v in given.items() if k in fields and k != "drop_path"}  # e.g. norm_pix_loss, mask_ratio
     values.update(img_size=int(grid * patch_size), patch_size=int(patch_size), in_chans=int(in_chans),
-                  embed_dim=int(embed_dim), depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
+                  embed_dim=int(embed_dim),
+                  depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
                   num_heads=heads[int(embed_dim)], mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / int(embed_dim))
     if "decoder_embed.weight" in state:  # a full checkpoint (official *_full.pth): the decoder too
         values.update(decoder_embed_dim=int(state["decoder_embed.weight"].shape[0]), decoder_num_heads=16,
@@ -181,7 +182,8 @@ def feature_param_names(model):
     try:
         out = model.forward_features(torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=device))
         if out.ndim != 3:
-            raise ValueError(f"forward_features returned shape {tuple(out.shape)}, not (B, N, D): see the contract in README.md")
+            raise ValueError(f"forward_features returned shape {tuple(out.shape)}, not (B, N, D): "
+                             f"see the contract in README.md")
         out.float().sum().backward()
         used = {n for n, p in model.named_parameters() if p.grad is not None}
     finally:
@@ -372,13 +374,14 @@ def layer_decay_groups(model, weight_decay, layer_decay):
     lr * layer_decay ** (L - i), the embeddings at lr * layer_decay ** (L + 1), the final norm and the
     head at lr. No weight decay on biases, norms, tokens and position embeddings (as common.param_groups)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    depth = len({n.removeprefix("encoder.").split(".")[1] for n, _ in named if n.removeprefix("encoder.").startswith("blocks.")})
+    blocks = [n.removeprefix("encoder.") for n, _ in named]
+    depth = len({n.split(".")[1] for n in blocks if n.startswith("blocks.")})
     groups = {}
     for name, p in named:
         lid = layer_id(name, depth)
         skip = p.ndim <= 1 or "token" in name or "pos_embed" in name
-        group = groups.setdefault((lid, skip), {"params": [], "names": [], "weight_decay": 0.0 if skip else weight_decay,
-                                                "lr_scale": layer_decay ** (depth + 1 - lid)})
+        group = groups.setdefault((lid, skip), {"params": [], "names": [], "lr_scale": layer_decay ** (depth + 1 - lid),
+                                                "weight_decay": 0.0 if skip else weight_decay})
         group["params"].append(p)
         group["names"].append(name)
     return list(groups.values())
@@ -483,7 +486,8 @@ def reconstructions(model, dataset, data, img_size, sample_inputs, n=8, seed=0, 
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         if norm_pix == "denorm":
             pred = pred * (var + 1e-6) ** 0.5 + mean
-            note = "norm-pix target: predictions de-normalised with each patch's TRUE mean and std (taken from the original)"
+            note = ("norm-pix target: predictions de-normalised with each patch's TRUE mean and std "
+                    "(taken from the original)")
         else:
             target = (target - mean) / (var + 1e-6) ** 0.5
             note = "norm-pix target: predictions and pasted patches in the normalised space, shown as 0.5 + value / 4"
@@ -658,8 +662,10 @@ def run_knn(model, info, ecfg, kcfg, code_files, console):
     model.to(device)
     tf = common.transform(data, info["config"].img_size, False)
     with _progress(console) as bar:
-        train_f, train_y = extract_features(model, train_set, tf, kcfg.batch_size, ecfg.num_workers, device, bar, "train features")
-        val_f, val_y = extract_features(model, val_set, tf, kcfg.batch_size, ecfg.num_workers, device, bar, "val features")
+        train_f, train_y = extract_features(model, train_set, tf, kcfg.batch_size, ecfg.num_workers, device, bar,
+                                            "train features")
+        val_f, val_y = extract_features(model, val_set, tf, kcfg.batch_size, ecfg.num_workers, device, bar,
+                                        "val features")
     scores = knn_scores(train_f, train_y, val_f, num_classes(train_set), kcfg.k, kcfg.temperature)
     top1, top5 = accuracy(scores, val_y)
     metrics = {"top1": top1, "top5": top5, "train_images": len(train_set), "val_images": len(val_set)}
@@ -681,11 +687,14 @@ def run_linprobe(model, info, ecfg, lcfg, code_files, console):
     optimizer = torch.optim.SGD(probe.parameters(), lr=0.0, momentum=0.9, weight_decay=lcfg.weight_decay)
     steps_per_epoch = max(len(train_set) // lcfg.batch_size, 1)  # the last partial batch is dropped, as official
     total, warmup = lcfg.epochs * steps_per_epoch, lcfg.warmup_epochs * steps_per_epoch
-    peak_lr, step, g = lcfg.blr * min(lcfg.batch_size, len(train_set)) / 256, 0, torch.Generator().manual_seed(ecfg.seed)
+    peak_lr, step = lcfg.blr * min(lcfg.batch_size, len(train_set)) / 256, 0
+    g = torch.Generator().manual_seed(ecfg.seed)  # the order of the cached features, every epoch
     with _progress(console) as bar:
-        val_f, val_y = extract_features(model, val_set, eval_tf, lcfg.batch_size, ecfg.num_workers, device, bar, "val features")
+        val_f, val_y = extract_features(model, val_set, eval_tf, lcfg.batch_size, ecfg.num_workers, device, bar,
+                                        "val features")
         if not lcfg.augment:  # the cache: one pass over the training images, then only the head trains
-            train_f, train_y = extract_features(model, train_set, eval_tf, lcfg.batch_size, ecfg.num_workers, device, bar, "train features")
+            train_f, train_y = extract_features(model, train_set, eval_tf, lcfg.batch_size, ecfg.num_workers,
+                                                device, bar, "train features")
         task = bar.add_task("probe", total=lcfg.epochs)
         for epoch in range(lcfg.epochs):
             if lcfg.augment:  # new crops every epoch, seeded by (seed, epoch, index)
@@ -805,7 +814,7 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
                 common.save_checkpoint({"model": model.state_dict(), "method": info["method"],
                                         "config": dataclasses.asdict(info["config"]), "train": info["train"],
                                         "code": info["ckpt"].get("code"), "git": common.git_hash(), "epoch": epoch + 1,
-                                        "head": {k: v for k, v in clf.state_dict().items() if not k.startswith("encoder.")},
+                                        "head": {"fc_norm": clf.fc_norm.state_dict(), "head": clf.head.state_dict()},
                                         "ema": ema.module.state_dict() if ema is not None else None,
                                         "finetune": dataclasses.asdict(fcfg)}, out / "checkpoint.pt")
     if not main:

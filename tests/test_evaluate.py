@@ -79,7 +79,7 @@ def test_finetune_cli_with_ema(tiny_run, tmp_path):
     # the fine-tuned encoder is a checkpoint of ours: the other evaluations read it
     model, info = evaluate.load_model(tmp_path / "ft", cli.METHODS)
     assert evaluate.pretraining_summary(info)[0].startswith("fine-tuned 2 ep")
-    assert info["ckpt"]["head"]["head.weight"].shape == (8, model.cfg.embed_dim)
+    assert info["ckpt"]["head"]["head"]["weight"].shape == (8, model.cfg.embed_dim)
 
 
 def test_visualize_cli_writes_png_of_the_right_size(tiny_run, tmp_path):
@@ -290,4 +290,4 @@ def test_finetune_on_two_processes_matches_one(tiny_run, tmp_path):
     assert (one["model"]["blocks.0.attn.qkv.weight"] - start["blocks.0.attn.qkv.weight"]).abs().max() > 1e-3  # it trained
     for name in one["model"]:
         assert torch.allclose(one["model"][name], two["model"][name], atol=1e-5), name
-    assert torch.allclose(one["head"]["head.weight"], two["head"]["head.weight"], atol=1e-5)
+    assert torch.allclose(one["head"]["head"]["weight"], two["head"]["head"]["weight"], atol=1e-5)
