@@ -225,8 +225,8 @@ def test_results_cli_reads_result_folders(knn_results, tmp_path):
     for name in ("knn-shapes-s0", "knn-random-init-shapes-s1"):  # one row: the trained number beside its floor
         top1 = json.loads((knn_results / name / "result.json").read_text())["metrics"]["top1"]
         assert f"| {100 * top1:.1f} |" in r.stdout
-    r = run_cli("results", tmp_path / "nothing-here")
-    assert r.returncode == 2 and "does not exist" in r.stdout
+    with pytest.raises(ValueError, match="does not exist"):
+        results.collect([tmp_path / "nothing-here"])
 
 
 def test_random_init_encoder_evaluates_worse_than_a_briefly_trained_one(tmp_path):
