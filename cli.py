@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import common
 import mae
@@ -27,12 +28,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Masked image modeling: one file per method, one command line.")
 pretrain_app = typer.Typer(no_args_is_help=True, help="Pre-train a method: `pretrain METHOD [OPTIONS]`.")
 app.add_typer(pretrain_app, name="pretrain")
-console = Console()
+console, err_console = Console(), Console(stderr=True)
 
 
 def fail(message, code=2):
     """Print a one-line error and exit non-zero."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

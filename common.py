@@ -196,7 +196,7 @@ PRESETS = {
 }
 
 # ----------------------------------------------------------------------------------------------------
-# Data. Every data set yields (image, label) with the image a (C, H, W) uint8 or [0, 1] float tensor;
+# Data. Every data set yields (image, label), the image a PIL image or a (C, H, W) uint8 or [0, 1] tensor;
 # SeededDataset adds the augmentation and the per-sample random inputs of a method (e.g. masks).
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -223,7 +223,7 @@ class Shapes(torch.utils.data.Dataset):
     classes = ("circle", "square", "triangle", "ring", "cross", "star", "crescent", "ellipse")
 
     def __init__(self, split, size, img_size):
-        self.size, self.img_size, self.offset = size, img_size, {"train": 0, "val": 1 << 40}[split]
+        self.size, self.img_size, self.split_bit = size, img_size, {"train": 0, "val": 1}[split]
         t = (torch.arange(img_size) + 0.5) / img_size * 2 - 1  # pixel centres in [-1, 1]
         self.y, self.x = torch.meshgrid(t, t, indexing="ij")
 
@@ -241,7 +241,7 @@ class Shapes(torch.utils.data.Dataset):
                 (u**2 + (v / 0.5) ** 2).sqrt() - 1][label]
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed(self.offset + i)
+        g = torch.Generator().manual_seed(2 * i + self.split_bit)  # CPU generators use only 32 bits of a seed
         label = i % len(self.classes)
         rand = torch.rand(8, generator=g)
         c1, c2 = torch.rand(3, 1, 1, generator=g), torch.rand(3, 1, 1, generator=g)
@@ -284,10 +284,11 @@ class FileImages(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        from torchvision.io import ImageReadMode, decode_image
+        from PIL import Image
 
         path, label = self.samples[i]
-        return decode_image(str(path), mode=ImageReadMode.RGB), label  # (3, H, W) uint8
+        with Image.open(path) as img:
+            return img.convert("RGB"), label  # a PIL image; transform() turns it into a tensor
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -394,7 +395,7 @@ def transform(name, img_size, train):
     else:  # large natural images: resize to 1/0.875 of the crop first, as the ImageNet protocol does
         resize = round(img_size / 0.875) if name in ("imagenet", "folder") else img_size
         steps = [v2.Resize(resize, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(img_size)]
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 class SeededDataset(torch.utils.data.Dataset):
@@ -412,12 +413,13 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        seed = hash((self.seed, epoch, index)) & (2**63 - 1)
         img, label = self.base[index]
         with torch.random.fork_rng(devices=[]):  # torchvision transforms draw from the global RNG
-            torch.default_generator.manual_seed(seed)
+            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) % 2**32)
             img = self.transform(img)
-        extra = self.sample_inputs(torch.Generator().manual_seed(seed + 1)) if self.sample_inputs else {}
+        if not self.sample_inputs:
+            return img, label, {}
+        return img, label, self.sample_inputs(torch.Generator().manual_seed(hash((self.seed, epoch, index, 1)) % 2**32))
         return img, label, extra
 
 
