@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import time
@@ -510,12 +511,16 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt? {reason}): "
-                         f"restore it or re-run the training that wrote it") from None
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if refused:
+            raise ValueError(f"{path} holds pickled objects that safe loading refuses ({refused[1]}): it is "
+                             f"not a checkpoint of this project or an official facebookresearch one") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path} is not a readable checkpoint, truncated or corrupt ({reason}): restore "
+                         f"it or re-run the training that wrote it") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path} holds no 'model' state dict: it is not a checkpoint of this project "
-                         f"or of the official MAE code")
+                         f"or an official facebookresearch one")
     return ckpt
 
 
@@ -680,7 +685,7 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
     stop = min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps
     peak_lr = tcfg.lr or tcfg.blr * images_per_step * world / 256
     meta = {"method": method, "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
-            "git": git_hash(), "torch": torch.__version__, "world_size": world}
+            "git": git_hash(), "torch": str(torch.__version__), "world_size": world}
     code = {Path(f).name: Path(f).read_text() for f in code_files}
     if main:
         out.mkdir(parents=True, exist_ok=True)
