@@ -131,7 +131,10 @@ def run_pretrain(method, preset, model, **options):
         out = common.train(net, cfg, tcfg, train_set, val_set, method, files, sample_inputs, console)
     except (FloatingPointError, ValueError) as e:
         fail(str(e), code=1)
-    console.print(f"done: log {out / 'log.jsonl'}, checkpoint {out / 'checkpoint.pt'}")
+    except InterruptedError as e:
+        fail(str(e), code=130)
+    if common.distributed()[0] == 0:
+        console.print(f"done: log {out / 'log.jsonl'}, checkpoint {out / 'checkpoint.pt'}")
 
 
 class _Bound:

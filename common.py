@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import signal
 import struct
 import subprocess
 import time
@@ -549,7 +550,7 @@ class TrainConfig:
     amp: str = "bf16"  # autocast on GPU: bf16 | fp16 (with a gradient scaler) | fp32; CPU runs are fp32
     compile: bool = False  # torch.compile the model
     log_every: int = 20  # write a line to log.jsonl every N steps
-    ckpt_every: int = 0  # also save a checkpoint every N steps (0 = only at the end of each epoch)
+    ckpt_every: int = 0  # also save a checkpoint every N steps (0 = only at epoch ends); a multiple of --log-every
     max_steps: int = 0  # stop after N steps of the full schedule (0 = run all epochs); for budgets and tests
     out: str = ""  # run folder for log and checkpoint (default runs/<method>-<data>-<time>)
     resume: bool = False  # continue the run in --out from its checkpoint, exactly
@@ -690,9 +691,13 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        ckpt_path.with_name(ckpt_path.name + ".tmp").unlink(missing_ok=True)  # left by a run killed mid-save
         if not tcfg.resume:  # a new run (--overwrite): the old run's files go only now, once all is set up
             log_path.unlink(missing_ok=True)
             ckpt_path.unlink(missing_ok=True)
+        elif log_path.exists():  # keep what the log says up to the checkpoint; a killed run may have gone on
+            rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.endswith("}")]
+            log_path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
     log = open(log_path, "a") if main else None
 
     def write_log(**row):
@@ -716,6 +721,15 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                       f"{steps_per_epoch} steps/epoch x {tcfg.epochs} epochs, {world} process(es) on {device}, "
                       f"lr {peak_lr:.2e} (effective batch {images_per_step * world}), run folder {out}")
     saved_step = step if tcfg.resume else -1
+    signals = []  # SIGTERM (cluster preemption) or Ctrl-C: finish the step, save, stop; a second one aborts
+
+    def on_signal(signum, frame):
+        if signals and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signals.append(signum)
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop_asked = False
     with Progress(*columns, console=console, disable=not main) as progress:
         task = progress.add_task("train", total=stop, completed=step, loss=float("nan"), lr=0.0, ips=0.0)
         if step == 0:  # the held-out loss before training, the floor every later number is read against
@@ -743,7 +757,10 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                 with model.no_sync() if world > 1 and not sync else contextlib.nullcontext():
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         loss = model(imgs, **extra)[0]
-                    loss_value = all_reduce_sum(loss.detach().float(), world).item() / world
+                    # one sync per step: the loss for the log and whether any process was asked to stop
+                    stats = torch.stack([loss.detach().float(), torch.tensor(float(bool(signals)), device=device)])
+                    loss_value, stop_asked = all_reduce_sum(stats, world).tolist()
+                    loss_value /= world
                     if not math.isfinite(loss_value):
                         where = f"the checkpoint of step {saved_step} in {ckpt_path} is kept" if saved_step >= 0 else "no checkpoint was written"
                         raise FloatingPointError(f"loss is {loss_value} at step {step} (epoch {epoch + 1}); stopped, "
@@ -767,10 +784,10 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                     progress.update(task, ips=ips)
                     window, tick = [], time.perf_counter()
                 progress.update(task, completed=step, loss=loss_value, lr=lr)
-                if tcfg.ckpt_every and step % tcfg.ckpt_every == 0:
-                    save()
+                if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step % steps_per_epoch:
+                    save()  # at the end of an epoch the checkpoint comes after the held-out loss, below
                     saved_step = step
-                if step >= stop:
+                if step >= stop or stop_asked:
                     break
             if step % steps_per_epoch == 0:  # the epoch is complete: held-out loss, then a checkpoint
                 val_loss = evaluate_loss(raw, val_loader, device, amp_dtype, world, seed=tcfg.seed)
@@ -780,8 +797,14 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                 if saved_step != step:
                     save()
                     saved_step = step
+            if stop_asked:
+                break
     if saved_step != step:
         save()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     if log:
         log.close()
+    if stop_asked:
+        raise InterruptedError(f"stopped by a signal at step {step}, checkpoint saved: continue with --resume --out {out}")
     return out
