@@ -393,7 +393,7 @@ def finetune_transform(data, img_size, fcfg):
     from torchvision.transforms import InterpolationMode, v2
 
     _, (mean, std) = common.DATASETS[data]
-    steps = [v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC),
+    steps = [v2.ToImage(), v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC),
              v2.RandomHorizontalFlip()]
     if fcfg.randaug_n:
         steps += [v2.ToDtype(torch.uint8, scale=True), v2.RandAugment(fcfg.randaug_n, fcfg.randaug_m)]
