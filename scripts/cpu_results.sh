@@ -14,7 +14,7 @@ out=${2:-runs/results}
 # the tiny preset's model (64-d x 2, patch 8, 32 px) for 8 epochs of 4,096 images: 256 steps of 128 images,
 # a few minutes per run on a busy 2-core machine; the evaluations use the same 4,096 / 1,024 images
 budget=(--preset tiny --epochs 8 --warmup-epochs 1 --train-size 4096 --val-size 1024 --batch-size 128 --log-every 8)
-for data in shapes fashion-mnist; do
+for data in ${DATASETS:-shapes fashion-mnist}; do  # DATASETS="shapes" bash ... redoes one data set
   for seed in 0 1 2; do
     run=$out/$method-$data-s$seed
     if [ -f "$run/checkpoint.pt" ]; then again=--resume; else again=--overwrite; fi
