@@ -3,6 +3,9 @@
     python cli.py pretrain mae                      # a short real run on the built-in data, on CPU
     python cli.py pretrain mae --preset cifar       # scale presets: tiny, cpu, cifar, tiny-imagenet, imagenet
     python cli.py pretrain mae --help               # every Config and TrainConfig field is an option
+    python cli.py knn runs/NAME                     # evaluate: knn, linprobe, finetune (--random-init for the floor)
+    python cli.py visualize runs/NAME               # a PNG of masked inputs and reconstructions
+    python cli.py results runs/ --readme README.md  # rebuild the README's results table from result folders
 
 Options are built from the dataclasses (a method's Config and common.TrainConfig), so every default
 is written once, in the dataclass; the comment beside each field is its --help text.
@@ -19,10 +22,12 @@ from rich.console import Console
 from rich.markup import escape
 
 import common
+import evaluate
 import mae
 
 METHODS = {"mae": (mae, mae.MAE)}  # command-line name: (method file, model class)
 DEFAULT_PRESET = "cpu"
+OFFICIAL_CHECKPOINT_METHOD = "mae"  # checkpoints of facebookresearch/mae do not name their method
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Masked image modeling: one file per method, one command line.")
@@ -43,8 +48,9 @@ def field_help(cls):
     return {m[1]: m[2] for m in (re.match(r"\s+(\w+): [^#]+#\s*(.*)$", line) for line in lines) if m}
 
 
-def dataclass_options(*classes):
-    """Typer parameters for the fields of `classes`, all defaulting to None (= not given)."""
+def dataclass_options(*classes, presets=True):
+    """Typer parameters for the fields of `classes`, all defaulting to None (= not given); with
+    presets, the help names the default preset's value where it sets one."""
     params = []
     for cls in classes:
         help_text = field_help(cls)
@@ -53,7 +59,7 @@ def dataclass_options(*classes):
             kind = f.type if isinstance(f.type, type) else typing.get_args(f.type)[0]
             decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
             default = f"(default: {f.default})"
-            if f.name in common.PRESETS[DEFAULT_PRESET]:
+            if presets and f.name in common.PRESETS[DEFAULT_PRESET]:
                 default = f"(default: {common.PRESETS[DEFAULT_PRESET][f.name]} from --preset {DEFAULT_PRESET}; {f.default} without a preset)"
             option = typer.Option(None, *decls, help=f"{help_text.get(f.name, '')} {default}",
                                   show_default=False, rich_help_panel=cls.__module__ + "." + cls.__name__)
@@ -84,7 +90,8 @@ def resolve(module, preset, model, given):
 
 
 # options that may change when a run is resumed: they do not change what the run computes
-RESUME_MAY_CHANGE = {"out", "resume", "max_steps", "num_workers", "log_every", "ckpt_every", "compile", "device"}
+RESUME_MAY_CHANGE = {"out", "resume", "max_steps", "num_workers", "log_every", "ckpt_every", "compile", "device",
+                     "vis_every"}
 
 
 def prepare_out(method, tcfg, given):
@@ -166,6 +173,80 @@ def add_pretrain_command(method):
 
 for _method in METHODS:
     add_pretrain_command(_method)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: thin commands over evaluate.py (the protocol is in its docstring and README.md#evaluation)
+
+EVAL_COMMANDS = {  # command: (its options dataclass, the evaluate.py function that runs it)
+    "knn": (evaluate.KnnConfig, evaluate.run_knn),
+    "linprobe": (evaluate.LinprobeConfig, evaluate.run_linprobe),
+    "finetune": (evaluate.FinetuneConfig, evaluate.run_finetune),
+    "visualize": (evaluate.VisualizeConfig, evaluate.run_visualize),
+}
+
+
+def run_eval(command, source, **options):
+    ccls, run = EVAL_COMMANDS[command]
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        ecfg, ccfg = build(evaluate.EvalConfig, given), build(ccls, given)
+        overrides = {"drop_path": ccfg.drop_path} if command == "finetune" else {}
+        needs_decoder = command == "visualize" and not ecfg.random_init
+        model, info = evaluate.load_model(source, METHODS, ecfg.method or OFFICIAL_CHECKPOINT_METHOD, ecfg.random_init,
+                                          ecfg.seed, overrides, need_all=needs_decoder)
+        if command == "visualize":
+            sample_inputs = getattr(info["module"], "sample_inputs", None)
+            sample_inputs = sample_inputs and _Bound(sample_inputs, info["config"])
+            path, (width, height) = run(model, info, ecfg, ccfg, sample_inputs, console)
+            console.print(f"wrote {path} ({width} x {height} px)")
+            return
+        files = [evaluate.__file__, common.__file__, __file__, info["module"].__file__]
+        result, out = run(model, info, ecfg, ccfg, files, console)
+    except (FloatingPointError, ValueError) as e:
+        fail(str(e), code=1 if isinstance(e, FloatingPointError) else 2)
+    if result:
+        m = result["metrics"]
+        init = " (random init)" if ecfg.random_init else ""
+        console.print(f"{command} {result['method']}{init} on {result['data']}: "
+                      f"top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f} ({result['wall_s']:.0f} s); result folder {out}")
+
+
+def add_eval_command(command):
+    ccls, run = EVAL_COMMANDS[command]
+
+    def cmd(source: str = typer.Argument(..., metavar="RUN_OR_CKPT", help="a run folder, or a checkpoint file of ours "
+                                          "or of the official MAE code"), **kwargs):
+        run_eval(command, source, **kwargs)
+
+    head = [inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+                              default=inspect.signature(cmd).parameters["source"].default)]
+    cmd.__signature__ = inspect.Signature(head + dataclass_options(evaluate.EvalConfig, ccls, presets=False))
+    cmd.__doc__ = run.__doc__.strip().splitlines()[0]
+    app.command(command)(cmd)
+
+
+for _command in EVAL_COMMANDS:
+    add_eval_command(_command)
+
+
+@app.command()
+def results(paths: list[str] = typer.Argument(None, help="folders searched for result.json (default: runs)"),
+            readme: str = typer.Option("", help="rewrite the results table in this file (between its markers)"),
+            fresh: bool = typer.Option(False, help="drop the table's rows that the given folders do not rebuild")):
+    """Build the results table (mean ± std over seeds) from result folders; print it or put it in README."""
+    import results as results_table
+
+    try:
+        rows = results_table.collect(paths or ["runs"])
+        text = results_table.table(rows)
+        if readme:
+            results_table.update_readme(readme, rows, fresh)
+            console.print(f"updated {readme} from {len(rows)} result(s)")
+        else:
+            console.print(text, highlight=False, soft_wrap=True, markup=False)
+    except ValueError as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":

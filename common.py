@@ -508,7 +508,8 @@ def load_checkpoint(path):
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path}: pass a run folder (runs/NAME) or a .pt/.pth file")
-    torch.serialization.add_safe_globals([argparse.Namespace])  # the official MAE scripts pickle their args
+    # the official MAE scripts pickle their args; older checkpoints of ours hold torch's version string class
+    torch.serialization.add_safe_globals([argparse.Namespace, torch.torch_version.TorchVersion])
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -568,6 +569,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     log_every: int = 20  # write a line to log.jsonl every N steps
     ckpt_every: int = 0  # also save a checkpoint every N steps (0 = only at epoch ends); a multiple of --log-every
+    vis_every: int = 0  # also save a reconstruction picture, vis-epochNNNN.png, every N epochs (0 = never)
     max_steps: int = 0  # stop after N steps of the full schedule (0 = run all epochs); for budgets and tests
     out: str = ""  # run folder for log and checkpoint (default runs/<method>-<data>-<time>)
     resume: bool = False  # continue the run in --out from its checkpoint, exactly
@@ -581,7 +583,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         non_negative = dict(warmup_epochs=self.warmup_epochs, train_size=self.train_size, val_size=self.val_size,
                             lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
-                            num_workers=self.num_workers, ckpt_every=self.ckpt_every, max_steps=self.max_steps)
+                            num_workers=self.num_workers, ckpt_every=self.ckpt_every, max_steps=self.max_steps,
+                            vis_every=self.vis_every)
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {value}")
@@ -738,6 +741,7 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                       f"{steps_per_epoch} steps/epoch x {tcfg.epochs} epochs, {world} process(es) on {device}, "
                       f"lr {peak_lr:.2e} (effective batch {images_per_step * world}), run folder {out}")
     saved_step = step if tcfg.resume else -1
+    start = time.perf_counter()
     signals = []  # SIGTERM (cluster preemption) or Ctrl-C: finish the step, save, stop; a second one aborts
 
     def on_signal(signum, frame):
@@ -808,9 +812,15 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                     break
             if step % steps_per_epoch == 0:  # the epoch is complete: held-out loss, then a checkpoint
                 val_loss = evaluate_loss(raw, val_loader, device, amp_dtype, world, seed=tcfg.seed)
-                write_log(step=step, epoch=epoch + 1, val_loss=val_loss)
+                write_log(step=step, epoch=epoch + 1, val_loss=val_loss, elapsed_s=round(time.perf_counter() - start, 1))
                 if main:
                     progress.console.print(f"epoch {epoch + 1}: held-out loss {val_loss:.4f}")
+                if main and tcfg.vis_every and (epoch + 1) % tcfg.vis_every == 0:
+                    import evaluate  # the picture's plumbing; imported here because it imports this module
+
+                    evaluate.save_reconstructions(raw, val_set, tcfg.data, cfg.img_size, sample_inputs,
+                                                  out / f"vis-epoch{epoch + 1:04d}.png", tcfg.seed,
+                                                  title=f"{method}, epoch {epoch + 1}, held-out images.")
                 if saved_step != step:
                     save()
                     saved_step = step
