@@ -17,13 +17,18 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import common
 import mae
 import pr_mim
 import simmim
 
-METHODS = {"mae": (mae, mae.MAE), "simmim": (simmim, simmim.SimMIM), "pr-mim": (pr_mim, pr_mim.PRMIM)}  # name: (file, model)
+METHODS = {  # command-line name: (method file, model class)
+    "mae": (mae, mae.MAE),
+    "simmim": (simmim, simmim.SimMIM),
+    "pr-mim": (pr_mim, pr_mim.PRMIM),
+}
 DEFAULT_PRESET = "cpu"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -32,12 +37,12 @@ pretrain_app = typer.Typer(no_args_is_help=True, help="Pre-train a method: `pret
 app.add_typer(pretrain_app, name="pretrain")
 bench_app = typer.Typer(no_args_is_help=True, help="Measure the costs of a training step: `bench METHOD [OPTIONS]`.")
 app.add_typer(bench_app, name="bench")
-console = Console()
+console, err_console = Console(), Console(stderr=True)
 
 
 def fail(message, code=2):
     """Print a one-line error and exit non-zero."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -135,7 +140,10 @@ def run_pretrain(method, preset, model, **options):
         out = common.train(net, cfg, tcfg, train_set, val_set, method, files, sample_inputs, console)
     except (FloatingPointError, ValueError) as e:
         fail(str(e), code=1)
-    console.print(f"done: log {out / 'log.jsonl'}, checkpoint {out / 'checkpoint.pt'}")
+    except InterruptedError as e:
+        fail(str(e), code=130)
+    if common.distributed()[0] == 0:
+        console.print(f"done: log {out / 'log.jsonl'}, checkpoint {out / 'checkpoint.pt'}")
 
 
 class _Bound:
@@ -189,7 +197,7 @@ def run_bench(method, preset, model, batch_size, steps, warmup, rounds, compare,
             except ValueError as e:
                 if not overrides:
                     raise
-                log(f"[dim]skipped {label}: {e}[/]")
+                log(f"[dim]skipped {escape(label)}: {escape(str(e))}[/]")
                 continue
             rows.append((label, model_cls, cfg, getattr(module, "sample_inputs", None)))
         results = bench.run(rows, batch_size, steps, warmup, rounds, common.pick_device(device), log)
