@@ -95,7 +95,8 @@ def test_encoder_names_match_mae_so_the_same_weights_load():
 
 def test_cli_pretrain_simmim_two_steps(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("pretrain", "simmim", "--preset", "tiny", "--max-steps", "2", "--out", out)
+    result = run_cli("pretrain", "simmim", "--preset", "tiny", "--max-steps", "2", "--out", out,
+                     env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr + result.stdout
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["method"] == "simmim" and "simmim.py" in ckpt["code"]
