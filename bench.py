@@ -117,7 +117,8 @@ def measure(model_cls, cfg, sample_inputs, batch_size, steps, warmup, device, st
     (seeded) here and freed after, so one model at a time is in memory."""
     torch.manual_seed(seed)
     model = model_cls(cfg).to(device).train()
-    imgs = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(seed))
+    shape = (batch_size, cfg.in_chans, cfg.img_size, cfg.img_size)
+    imgs = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     inputs, inputs_ms = make_inputs(cfg, sample_inputs, batch_size, seed)
     if "labels" in inspect.signature(model.forward).parameters:
         inputs["labels"] = torch.arange(batch_size)

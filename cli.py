@@ -222,7 +222,8 @@ def add_bench_command(method):
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
                                  default=typer.Option(default, *decls, help=help_text))
 
-    head = [option("preset", typing.Optional[str], None, f"scale preset: {', '.join(common.PRESETS)} [default: {DEFAULT_PRESET}]"),
+    presets = f"scale preset: {', '.join(common.PRESETS)} [default: {DEFAULT_PRESET}]"
+    head = [option("preset", typing.Optional[str], None, presets),
             option("model", typing.Optional[str], None, f"ViT size: {', '.join(common.VIT_SIZES)}"),
             option("batch_size", int, 8, "images per step for memory and time"),
             option("steps", int, 3, "timed steps per row and round; the median over all rounds is shown"),
@@ -234,7 +235,7 @@ def add_bench_command(method):
             option("json_out", bool, False, "print JSON instead of a table", "--json"),
             option("device", str, "auto", "auto (GPU if there is one) | cpu | cuda | cuda:N")]
     command.__signature__ = inspect.Signature(head + dataclass_options(module.Config))
-    command.__doc__ = f"Costs of a {method} training step: " + module.__doc__.strip().splitlines()[0]
+    command.__doc__ = module.__doc__.strip().splitlines()[0]
     bench_app.command(method)(command)
 
 

@@ -158,7 +158,7 @@ def sample_inputs(cfg, generator):
     N = (cfg.img_size // cfg.patch_size) ** 2
     if cfg.base == "mae":
         inputs = {"noise": torch.rand(N, generator=generator)}
-        mask = random_masking(torch.zeros(1, N, 1), cfg.mask_ratio, inputs["noise"][None])[1]  # (1, N), the model's mask
+        mask = random_masking(torch.zeros(1, N, 1), cfg.mask_ratio, inputs["noise"][None])[1]  # (1, N), as the model
     else:
         mask = simmim_masking(cfg, 1, generator)  # (1, N)
         inputs = {"mask": mask[0]}
@@ -280,7 +280,8 @@ class PRMIM(nn.Module):
             mask = simmim_masking(self.cfg, B, device=imgs.device)  # (B, N)
         if thrown is None:
             thrown = throw_tokens(mask, self.num_throw, self.cfg.sampling)  # (B, N)
-        if tuple(thrown.shape) != (B, N) or (thrown.sum(1) != self.num_throw).any() or (thrown.bool() & (mask == 0)).any():
+        bad = tuple(thrown.shape) != (B, N) or (thrown.sum(1) != self.num_throw).any()
+        if bad or (thrown.bool() & (mask == 0)).any():  # a wrong count, or thrown tokens that are not masked
             raise ValueError(f"thrown must be (B, N) = ({B}, {N}) with {self.num_throw} masked tokens per row "
                              f"(--throw {self.cfg.throw}), got shape {tuple(thrown.shape)}")
         thrown = thrown.bool()

@@ -1,7 +1,8 @@
 """SimMIM: A Simple Framework for Masked Image Modeling.
 
 Xie, Zhang, Cao, Lin, Bao, Yao, Dai, Hu, CVPR 2022. https://arxiv.org/abs/2111.09886
-Official code: https://github.com/microsoft/SimMIM (models/simmim.py, data/data_simmim.py). README section: README.md#simmim
+Official code: https://github.com/microsoft/SimMIM (models/simmim.py, data/data_simmim.py).
+README section: README.md#simmim
 
 Idea: mask random 32-px squares of the image (60% of them) by swapping their patch embeddings for one
 learned mask token, run the whole ViT encoder on every position, and predict the raw pixels of the
@@ -123,7 +124,7 @@ class SimMIM(nn.Module):
         return x
 
     def forward_decoder(self, x):
-        x = rearrange(x[:, 1:, :], "b (h w) d -> b d h w", h=self.patch_embed.grid_size)  # (B, D, H/P, W/P), cls dropped
+        x = rearrange(x[:, 1:, :], "b (h w) d -> b d h w", h=self.patch_embed.grid_size)  # (B, D, H/P, W/P), no cls
         x = self.decoder(x)  # (B, C, H, W): raw pixels (SimMIM Sec. 3.3, a linear head)
         return common.patchify(x, self.cfg.patch_size)  # (B, N, P*P*C), the layout of mae.py's pred
 

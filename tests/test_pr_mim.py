@@ -71,8 +71,8 @@ def min_pairwise_distance(kept, grid):
 
 def test_furthest_sampling_count_determinism_and_spread():
     cfg = pr_mim.Config(**GRID14)
-    masks = torch.stack([mae.random_masking(torch.zeros(1, 196, 1), 0.75, torch.rand(1, 196, generator=torch.Generator().manual_seed(i)))[1][0]
-                         for i in range(20)])  # (20, 196)
+    noise = torch.rand(20, 196, generator=torch.Generator().manual_seed(0))
+    masks = mae.random_masking(torch.zeros(20, 196, 1), 0.75, noise)[1]  # (20, 196)
     thrown = pr_mim.throw_tokens(masks, 98, "furthest", torch.Generator().manual_seed(1))
     assert thrown.dtype == torch.bool and (thrown.sum(1) == 98).all()
     assert not (thrown & (masks == 0)).any()  # only masked tokens are thrown
