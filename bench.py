@@ -12,7 +12,8 @@ For each row (a model class, its Config, and the method's optional `sample_input
   parameters left out, once with the default (fused) attention and once with the MATH attention, which
   stores the N x N attention maps as attention did before fused kernels;
 - peak memory of a step on a GPU (weights, gradients, AdamW state and activations; fp32, no autocast);
-- the median time of a step (forward, backward, AdamW), from rounds that time every row in turn;
+- the median and the shortest time of a step (forward, backward, AdamW), from rounds that time every
+  row in turn (on a busy machine the shortest is the least disturbed);
 - the time the per-sample inputs take per image (`sample_inputs`, which the data workers run, so it
   is not in the step time).
 Every figure of a row is also given as a ratio to the first row, measured in the same run. Nothing
@@ -34,7 +35,8 @@ aten = torch.ops.aten
 FIGURES = [("params_m", "params (M)", "{:.2f}"), ("gflops_fwd", "GFLOPs/img fwd", "{:.3g}"),
            ("gflops", "GFLOPs/img fwd+bwd", "{:.3g}"), ("saved_mb", "saved MB/step", "{:.1f}"),
            ("saved_mb_math", "saved MB/step, math attn", "{:.1f}"), ("peak_gpu_mb", "peak GPU MB", "{:.0f}"),
-           ("step_ms", "step ms (median)", "{:.1f}"), ("inputs_ms", "inputs ms/img (workers)", "{:.3f}")]
+           ("step_ms", "step ms (median)", "{:.1f}"), ("step_ms_min", "step ms (min)", "{:.1f}"),
+           ("inputs_ms", "inputs ms/img (workers)", "{:.3f}")]
 
 
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
@@ -45,19 +47,23 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
     return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
-def make_inputs(cfg, sample_inputs, batch_size, seed=0):
-    """The collated per-sample inputs of a batch, as the data loader builds them, and the milliseconds
-    sample_inputs took per image on one thread, as in a data worker."""
+def make_inputs(cfg, sample_inputs, batch_size, seed=0, timed_calls=64):
+    """The collated per-sample inputs of a batch, as the data loader builds them, and the median
+    milliseconds of one sample_inputs call over `timed_calls` calls on one thread, as in a data worker
+    (the median, so a call that the operating system preempts does not count)."""
     if sample_inputs is None:
         return {}, 0.0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a data-loader worker, which torch runs on one thread
     sample_inputs(cfg, torch.Generator().manual_seed(seed))  # untimed: the first call pays one-off costs
-    tick = time.perf_counter()
-    samples = [sample_inputs(cfg, torch.Generator().manual_seed(seed + i)) for i in range(batch_size)]
-    ms = (time.perf_counter() - tick) * 1e3 / batch_size
+    samples, times = [], []
+    for i in range(max(batch_size, timed_calls)):
+        tick = time.perf_counter()
+        sample = sample_inputs(cfg, torch.Generator().manual_seed(seed + i))
+        times.append(time.perf_counter() - tick)
+        samples.append(sample)
     torch.set_num_threads(threads)
-    return torch.utils.data.default_collate(samples), ms
+    return torch.utils.data.default_collate(samples[:batch_size]), statistics.median(times) * 1e3
 
 
 def count_flops(model, imgs, inputs):
@@ -163,7 +169,8 @@ def run(rows, batch_size=8, steps=3, warmup=1, rounds=3, device="cpu", log=print
             result["times"] = result.get("times", []) + row.pop("times")
             result.update(row)
     for result in results:
-        result["step_ms"] = statistics.median(result.pop("times")) * 1e3
+        times = result.pop("times")
+        result.update(step_ms=statistics.median(times) * 1e3, step_ms_min=min(times) * 1e3)
     base = results[0]
     for row in results:
         row["ratio"] = {k: row[k] / base[k] if row[k] is not None and base[k] else None for k, _, _ in FIGURES}
