@@ -6,6 +6,7 @@
     python cli.py knn runs/NAME                     # evaluate: knn, linprobe, finetune (--random-init for the floor)
     python cli.py visualize runs/NAME               # a PNG of masked inputs and reconstructions
     python cli.py results runs/ --readme README.md  # rebuild the README's results table from result folders
+    python cli.py bench pr-mim --compare mae        # parameters, FLOPs, memory and time of a step, as ratios
 
 Options are built from the dataclasses (a method's Config and common.TrainConfig), so every default
 is written once, in the dataclass; the comment beside each field is its --help text.
@@ -24,8 +25,14 @@ from rich.markup import escape
 import common
 import evaluate
 import mae
+import pr_mim
+import simmim
 
-METHODS = {"mae": (mae, mae.MAE)}  # command-line name: (method file, model class)
+METHODS = {  # command-line name: (method file, model class)
+    "mae": (mae, mae.MAE),
+    "simmim": (simmim, simmim.SimMIM),
+    "pr-mim": (pr_mim, pr_mim.PRMIM),
+}
 DEFAULT_PRESET = "cpu"
 OFFICIAL_CHECKPOINT_METHOD = "mae"  # checkpoints of facebookresearch/mae do not name their method
 
@@ -33,6 +40,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Masked image modeling: one file per method, one command line.")
 pretrain_app = typer.Typer(no_args_is_help=True, help="Pre-train a method: `pretrain METHOD [OPTIONS]`.")
 app.add_typer(pretrain_app, name="pretrain")
+bench_app = typer.Typer(no_args_is_help=True, help="Measure the costs of a training step: `bench METHOD [OPTIONS]`.")
+app.add_typer(bench_app, name="bench")
 console, err_console = Console(), Console(stderr=True)
 
 
@@ -171,8 +180,75 @@ def add_pretrain_command(method):
     pretrain_app.command(method)(command)
 
 
+def run_bench(method, preset, model, batch_size, steps, warmup, rounds, compare, variants, json_out, device, **options):
+    """Rows: the --compare base, the method's defaults, then its BENCH_VARIANTS; all from the same options."""
+    import json
+
+    import bench
+
+    given = {k: v for k, v in options.items() if v is not None}
+    log = Console(stderr=True).print if json_out else console.print
+    try:
+        if compare is not None and compare not in METHODS:
+            raise ValueError(f"unknown --compare {compare!r}: choose one of {', '.join(METHODS)}")
+        rows = []
+        for name in [compare] if compare else []:
+            base_module, base_cls = METHODS[name]
+            rows.append((name, base_cls, resolve(base_module, preset or DEFAULT_PRESET, model, given)[0],
+                         getattr(base_module, "sample_inputs", None)))
+        module, model_cls = METHODS[method]
+        extra = getattr(module, "BENCH_VARIANTS", {}) if variants else {}
+        for label, overrides in [(method, {}), *((f"{method}: {k}", v) for k, v in extra.items())]:
+            try:
+                cfg = resolve(module, preset or DEFAULT_PRESET, model, {**given, **overrides})[0]
+            except ValueError as e:
+                if not overrides:
+                    raise
+                log(f"[dim]skipped {escape(label)}: {escape(str(e))}[/]")
+                continue
+            rows.append((label, model_cls, cfg, getattr(module, "sample_inputs", None)))
+        results = bench.run(rows, batch_size, steps, warmup, rounds, common.pick_device(device), log)
+    except ValueError as e:
+        fail(str(e))
+    if json_out:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    cfg = rows[-1][2]
+    console.print(bench.table(results, f"{cfg.img_size} px, patch {cfg.patch_size}, batch {batch_size}, "
+                                       f"{common.pick_device(device)}, {common.torch.get_num_threads()} threads; "
+                                       f"ratios to the first row, measured in this run"))
+
+
+def add_bench_command(method):
+    module, _ = METHODS[method]
+
+    def command(**kwargs):
+        run_bench(method, **kwargs)
+
+    def option(name, kind, default, help_text, *decls):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                 default=typer.Option(default, *decls, help=help_text))
+
+    presets = f"scale preset: {', '.join(common.PRESETS)} [default: {DEFAULT_PRESET}]"
+    head = [option("preset", typing.Optional[str], None, presets),
+            option("model", typing.Optional[str], None, f"ViT size: {', '.join(common.VIT_SIZES)}"),
+            option("batch_size", int, 8, "images per step for memory and time"),
+            option("steps", int, 3, "timed steps per row and round; the median over all rounds is shown"),
+            option("warmup", int, 1, "untimed steps before them"),
+            option("rounds", int, 3, "rounds over all rows, so load changes on the machine hit every row alike"),
+            option("compare", typing.Optional[str], None, f"a base method measured first, every figure a ratio to it: "
+                                                        f"{', '.join(METHODS)}"),
+            option("variants", bool, True, "also the rows of the method's BENCH_VARIANTS", "--variants/--no-variants"),
+            option("json_out", bool, False, "print JSON instead of a table", "--json"),
+            option("device", str, "auto", "auto (GPU if there is one) | cpu | cuda | cuda:N")]
+    command.__signature__ = inspect.Signature(head + dataclass_options(module.Config))
+    command.__doc__ = module.__doc__.strip().splitlines()[0]
+    bench_app.command(method)(command)
+
+
 for _method in METHODS:
     add_pretrain_command(_method)
+    add_bench_command(_method)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""bench.py and `cli.py bench`: FLOPs against a hand count, the grouped-conv correction, saved bytes
+counted once per storage, ratios, BENCH_VARIANTS rows, and the command line."""
+import ast
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import cli
+import common
+import mae
+from conftest import ROOT, run_cli
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread is faster, above all on a busy machine
+
+
+class Wrap(nn.Module):
+    """A layer behind the forward contract bench expects: forward(imgs) -> (loss, pred, mask)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, imgs):
+        out = self.layer(imgs)
+        return (out**2).sum(), out, None
+
+
+def test_flops_of_mae_match_a_hand_count():
+    cfg, _ = cli.resolve(mae, "tiny", None, {})  # 32 px, patch 8: N = 16, 4 visible; 64-d x 2, decoder 32-d x 1
+    torch.manual_seed(0)
+    fwd, total = bench.count_flops(mae.MAE(cfg), torch.randn(2, 3, 32, 32), {"noise": torch.rand(2, 16)})
+    N, P, D, Dd = 16, 8, 64, 32
+    T, Td = 1 + 4, 1 + N  # tokens in the encoder and in the decoder
+
+    def block(t, d):  # qkv, q @ k^T and attn @ v (run on the MATH backend), proj, MLP; 2 FLOPs a multiply-add
+        return 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * 4 * d
+
+    patch_embed = 2 * N * D * P * P * 3
+    forward = patch_embed + 2 * block(T, D) + 2 * T * D * Dd + block(Td, Dd) + 2 * Td * Dd * P * P * 3
+    assert fwd == 2 * forward
+    assert total == 2 * (3 * forward - patch_embed)  # backward twice the forward; the image needs no gradient
+
+
+def test_grouped_conv_backward_is_counted_as_twice_its_forward():
+    conv = nn.Conv2d(512, 512, 7, padding=3, groups=512)  # the note's example: ~9.8 MFLOPs forward
+    x = torch.randn(1, 512, 14, 14, requires_grad=True)
+    fwd, total = bench.count_flops(Wrap(conv), x, {})
+    assert fwd == 2 * 196 * 512 * 49 and total == 3 * fwd
+    with FlopCounterMode(display=False) as plain:  # torch's own count is ~500x too high here
+        conv(x).sum().backward()
+    assert plain.get_total_flops() > 100 * total
+    dense = nn.Conv2d(64, 32, 3, padding=1)  # and for an ordinary conv, the same count as torch's
+    x = torch.randn(2, 64, 14, 14, requires_grad=True)
+    with FlopCounterMode(display=False) as plain:
+        dense(x).sum().backward()
+    assert bench.count_flops(Wrap(dense), x, {})[1] == plain.get_total_flops()
+
+
+def test_saved_bytes_count_each_storage_once_and_leave_parameters_out():
+    class Square(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1000))
+
+        def forward(self, imgs):
+            y = imgs * imgs  # saves imgs twice: one storage
+            z = y * self.scale  # saves y (new) and the parameter (left out)
+            return z.sum(), z, None
+
+    x = torch.randn(1000, requires_grad=True)
+    assert bench.saved_bytes(Square(), x, {}) == 2 * 1000 * 4
+    # the math attention keeps the (B, heads, N, N) attention map; the fused kernel does not
+    block = Wrap(common.Attention(64, 4))
+    x = torch.randn(2, 256, 64, requires_grad=True)
+    fused, math = bench.saved_bytes(block, x, {}), bench.saved_bytes(block, x, {}, math_attention=True)
+    assert math - fused > 0.99 * 2 * 4 * 256 * 256 * 4  # fp32 maps of 2 images x 4 heads
+
+
+def test_bench_never_names_a_method():
+    words = {"mae", "simmim", "pr_mim", "pr-mim", "prmim", "imae", "i-mae", "revcol", "revcolv2"}
+    for node in ast.walk(ast.parse((ROOT / "bench.py").read_text())):
+        text = node.id if isinstance(node, ast.Name) else node.value if isinstance(node, ast.Constant) else ""
+        if isinstance(text, str):
+            assert not words & set(text.lower().replace("(", " ").replace(")", " ").split()), text
+
+
+def test_cli_bench_compare_with_variants_as_json():
+    result = run_cli("bench", "pr-mim", "--preset", "tiny", "--compare", "mae", "--batch-size", "2", "--steps", "1",
+                     "--warmup", "0", "--rounds", "1", "--json", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr + result.stdout
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert list(rows)[:2] == ["mae", "pr-mim"] and "pr-mim: throw 0.65, no progressive" in rows  # BENCH_VARIANTS rows
+    assert all(r["ratio"]["gflops"] == r["gflops"] / rows["mae"]["gflops"] for r in rows.values())
+    # throwing more tokens costs fewer FLOPs and saves fewer activations; progressive adds a little
+    g = {name: r["gflops"] for name, r in rows.items()}
+    assert g["pr-mim: throw 0.65"] < g["pr-mim"] < g["pr-mim: throw 0.25"] < g["mae"]
+    assert g["pr-mim: throw 0.5, no progressive"] < g["pr-mim"]
+    assert rows["pr-mim"]["saved_mb"] < rows["mae"]["saved_mb"]
+    assert rows["pr-mim"]["step_ms"] > 0 and rows["pr-mim"]["inputs_ms"] > 0
+
+
+def test_cli_bench_table_skips_impossible_variants_and_refuses_bad_options():
+    result = run_cli("bench", "pr-mim", "--preset", "tiny", "--base", "simmim", "--compare", "simmim",
+                     "--batch-size", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "GFLOPs/img fwd+bwd" in result.stdout and "simmim" in result.stdout
+    assert "skipped pr-mim: throw 0.65" in result.stdout  # above SimMIM's mask ratio 0.6
+    bad = run_cli("bench", "mae", "--preset", "tiny", "--compare", "beit")
+    assert bad.returncode == 2 and "unknown --compare 'beit'" in bad.stderr
+    with pytest.raises(ValueError, match="--steps"):
+        bench.run([], steps=0)

@@ -1,0 +1,151 @@
+"""pr_mim.py: what the decoder sees, the reduction to MAE at throw 0, furthest sampling, loss coverage,
+bad throw values, the SimMIM base, and the CLI as the design card types it."""
+import pytest
+import torch
+
+import mae
+import pr_mim
+from conftest import run_cli
+
+# ViT-B/16's 14 x 14 grid with narrow widths, so a forward pass costs milliseconds
+GRID14 = dict(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=4, decoder_embed_dim=32,
+              decoder_depth=1, decoder_num_heads=4)
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=4, decoder_embed_dim=32,
+            decoder_depth=1, decoder_num_heads=4)
+
+
+def decoder_input_lengths(model, imgs, **inputs):
+    seen = []
+    hook = model.decoder_blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    model(imgs, **inputs)
+    hook.remove()
+    return seen[0]
+
+
+def test_decoder_sees_98_patch_tokens_plus_cls_at_throw_half_mask_three_quarters():
+    model = pr_mim.PRMIM(pr_mim.Config(**GRID14, throw=0.5, mask_ratio=0.75))
+    assert decoder_input_lengths(model, torch.randn(2, 3, 224, 224)) == (2, 1 + 98, 32)
+    for throw, seen in [(0.0, 196), (0.25, 196 - 49), (0.65, 196 - 127), (0.75, 49)]:
+        model = pr_mim.PRMIM(pr_mim.Config(**GRID14, throw=throw))
+        assert decoder_input_lengths(model, torch.randn(2, 3, 224, 224)) == (2, 1 + seen, 32), throw
+
+
+def test_decoder_sees_exactly_the_visible_and_retained_tokens():
+    """Tag each decoder position by its position embedding: the tokens the decoder gets are those
+    neither thrown nor missing, in grid order."""
+    torch.manual_seed(0)
+    model = pr_mim.PRMIM(pr_mim.Config(**GRID14))
+    inputs = [pr_mim.sample_inputs(model.cfg, torch.Generator().manual_seed(i)) for i in range(2)]
+    noise, thrown = torch.stack([s["noise"] for s in inputs]), torch.stack([s["thrown"] for s in inputs])
+    with torch.no_grad():
+        model.decoder_embed.weight.zero_()
+        model.decoder_embed.bias.zero_()
+        model.mask_token.zero_()  # every token is now its position embedding alone
+    seen = []
+    model.decoder_blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    model(torch.randn(2, 3, 224, 224), noise=noise, thrown=thrown)
+    for b in range(2):
+        expected = model.decoder_pos_embed[0, 1:][~thrown[b]]  # (N_dec, D_dec), grid order
+        torch.testing.assert_close(seen[0][b, 1:], expected)
+
+
+def test_throw_zero_reduces_to_mae_on_the_same_weights_and_noise():
+    torch.manual_seed(0)
+    reference = mae.MAE(mae.Config(**TINY))
+    model = pr_mim.PRMIM(pr_mim.Config(**TINY, throw=0.0))
+    model.load_state_dict(reference.state_dict())  # strict: throw 0 has exactly MAE's parameters
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
+    loss, pred, mask = model(imgs, noise=noise)
+    loss_ref, pred_ref, mask_ref = reference(imgs, noise=noise)
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(pred, pred_ref)
+    assert torch.equal(mask, mask_ref)
+
+
+def min_pairwise_distance(kept, grid):
+    coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1).reshape(-1, 2)
+    points = coords[kept].float()
+    d = torch.cdist(points, points) + torch.eye(len(points)) * 1e9
+    return d.min().item()
+
+
+def test_furthest_sampling_count_determinism_and_spread():
+    cfg = pr_mim.Config(**GRID14)
+    noise = torch.rand(20, 196, generator=torch.Generator().manual_seed(0))
+    masks = mae.random_masking(torch.zeros(20, 196, 1), 0.75, noise)[1]  # (20, 196)
+    thrown = pr_mim.throw_tokens(masks, 98, "furthest", torch.Generator().manual_seed(1))
+    assert thrown.dtype == torch.bool and (thrown.sum(1) == 98).all()
+    assert not (thrown & (masks == 0)).any()  # only masked tokens are thrown
+    assert torch.equal(thrown, pr_mim.throw_tokens(masks, 98, "furthest", torch.Generator().manual_seed(1)))
+    assert not torch.equal(thrown, pr_mim.throw_tokens(masks, 98, "furthest", torch.Generator().manual_seed(2)))
+    rand = pr_mim.throw_tokens(masks, 98, "random", torch.Generator().manual_seed(1))
+    assert (rand.sum(1) == 98).all() and not (rand & (masks == 0)).any()
+    kept_far = masks.bool() & ~thrown
+    kept_rand = masks.bool() & ~rand
+    far = sum(min_pairwise_distance(k, 14) for k in kept_far) / 20
+    near = sum(min_pairwise_distance(k, 14) for k in kept_rand) / 20
+    assert far > near + 0.3, (far, near)  # furthest: retained tokens never side by side (>= sqrt 2); random: often
+    # sample_inputs draws the same as the model would and hands over a boolean (N,) `thrown`
+    inputs = pr_mim.sample_inputs(cfg, torch.Generator().manual_seed(0))
+    assert inputs["thrown"].shape == (196,) and inputs["thrown"].dtype == torch.bool
+    model_mask = mae.random_masking(torch.zeros(1, 196, 1), 0.75, inputs["noise"][None])[1][0]
+    assert inputs["thrown"].sum() == 98 and not (inputs["thrown"] & (model_mask == 0)).any()
+
+
+@pytest.mark.parametrize("base", ["mae", "simmim"])
+def test_loss_covers_every_masked_token_with_progressive_and_retained_ones_without(base):
+    for progressive in (True, False):
+        torch.manual_seed(0)
+        model = pr_mim.PRMIM(pr_mim.Config(**TINY, base=base, progressive=progressive))
+        imgs = torch.randn(2, 3, 32, 32)
+        inputs = [pr_mim.sample_inputs(model.cfg, torch.Generator().manual_seed(i)) for i in range(2)]
+        inputs = {k: torch.stack([s[k] for s in inputs]) for k in inputs[0]}
+        loss, pred, mask = model(imgs, **inputs)
+        pred = pred.detach().requires_grad_()
+        model.forward_loss(imgs, pred, mask, inputs["thrown"]).backward()
+        supervised = pred.grad.abs().sum(-1) > 0  # (B, N)
+        thrown, masked = inputs["thrown"], mask.bool()
+        assert thrown.any() and (masked & ~thrown).any()
+        expected = masked if progressive else masked & ~thrown
+        assert torch.equal(supervised, expected), (base, progressive)
+
+
+def test_bad_throw_values_give_clear_errors():
+    for throw in (-0.1, 0.8, 1.5):
+        with pytest.raises(ValueError, match=r"--throw must be in \[0, 0.75\]"):
+            pr_mim.Config(throw=throw)
+    with pytest.raises(ValueError, match=r"--throw must be in \[0, 0.6\]"):
+        pr_mim.Config(throw=0.65, base="simmim")
+    with pytest.raises(ValueError, match="leaves no token"):
+        pr_mim.Config(throw=0.75, progressive=False)
+    for bad in (dict(sampling="nearest"), dict(base="beit"), dict(kernel_size=4)):
+        with pytest.raises(ValueError, match="--" + next(iter(bad)).replace("_", "-")):
+            pr_mim.Config(**bad)
+    model = pr_mim.PRMIM(pr_mim.Config(**TINY))
+    with pytest.raises(ValueError, match="thrown must be"):  # 31 thrown where --throw 0.5 means 32
+        model(torch.randn(1, 3, 32, 32), noise=torch.rand(1, 64), thrown=torch.zeros(1, 64, dtype=torch.bool))
+
+
+def test_simmim_base_throws_from_the_encoder_input():
+    torch.manual_seed(0)
+    model = pr_mim.PRMIM(pr_mim.Config(**GRID14, base="simmim"))  # mask 0.6, throw 0.5: 98 of 196 thrown
+    assert model.cfg.mask_ratio == 0.6 and model.cfg.mask_patch_size == 32
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    loss, pred, mask = model(torch.randn(2, 3, 224, 224))
+    assert seen[0] == (2, 1 + 98, 32) and pred.shape == (2, 196, 16 * 16 * 3) and torch.isfinite(loss)
+    assert (mask.sum(1) == 120).all()  # ceil(49 * 0.6) mask patches of 2 x 2 model patches
+
+
+def test_cli_pretrain_pr_mim_throw_half_as_typed(tmp_path):
+    """The design card's command on the default preset and built-in data (its data worker draws the
+    furthest sampling), with a 2-step budget, a small batch and a small held-out set to run in seconds."""
+    out = tmp_path / "run"
+    result = run_cli("pretrain", "pr-mim", "--throw", "0.5", "--max-steps", "2", "--batch-size", "16",
+                     "--val-size", "32", "--out", out, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr + result.stdout
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["config"]["throw"] == 0.5 and ckpt["config"]["sampling"] == "furthest"
+    bad = run_cli("pretrain", "pr-mim", "--preset", "tiny", "--throw", "0.9", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "--throw must be in [0, 0.75]" in bad.stderr
+    assert "Traceback" not in bad.stderr
