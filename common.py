@@ -678,7 +678,7 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
     stop = min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps
     peak_lr = tcfg.lr or tcfg.blr * images_per_step * world / 256
     meta = {"method": method, "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
-            "git": git_hash(), "torch": torch.__version__, "world_size": world}
+            "git": git_hash(), "torch": str(torch.__version__), "world_size": world}
     code = {Path(f).name: Path(f).read_text() for f in code_files}
     if main:
         out.mkdir(parents=True, exist_ok=True)
