@@ -19,8 +19,9 @@ from rich.console import Console
 
 import common
 import mae
+import revcolv2
 
-METHODS = {"mae": (mae, mae.MAE)}  # command-line name: (method file, model class)
+METHODS = {"mae": (mae, mae.MAE), "revcolv2": (revcolv2, revcolv2.RevColV2)}  # command-line name: (method file, model class)
 DEFAULT_PRESET = "cpu"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
