@@ -3,6 +3,7 @@
 Han, Cai, Zhang, NeurIPS 2023. https://arxiv.org/abs/2309.01005
 Official code: https://github.com/megvii-research/RevCol (RevCol v1 only, models/revcol.py and
 models/revcol_function.py: the V2 code was never released). README section: README.md#revcolv2
+"article" below is the first author's write-up of V2 (PaperWeekly, 2023); RevCol paper: arXiv 2212.11696.
 
 Idea: MAE throws its decoder away after pre-training, so the features it fine-tunes are not the ones
 it learned to reconstruct from. RevColV2 keeps the whole autoencoder. Its body is a stack of columns,
@@ -30,7 +31,10 @@ Deviations from the paper and the official code:
   columns as the mirror of bottom-up ones, and the column counts are our reading (README.md#revcolv2).
 - alpha is clamped to |alpha| >= 0.1, not 1e-3: in fp32 the inverse error grows about 1/alpha per
   level, so below ~0.1 the reversible gradients go wrong (measured in README.md#revcolv2).
-- No cls token: features are the top-level patch tokens (classification pools them).
+- No cls token: features are the top-level patch tokens (classification pools them), after a
+  LayerNorm without weights (weights would go unused in pre-training, which DDP refuses).
+- Not implemented: the joint variant with a CLIP teacher at the top level (article), and v1's
+  intermediate supervision.
 - ReversibleColumn returns parameter gradients from backward (official: accumulates them with
   torch.autograd.backward inside backward), so torch.autograd.grad and DDP see them as usual.
 - The masking noise is drawn per sample in the data workers (`sample_inputs`), as in mae.py.
@@ -111,10 +115,11 @@ def sample_inputs(cfg, generator):
 
 
 class Level(nn.Module):
-    """F(a, b) = Blocks(LN(W_a a) + LN(W_b b)) (official Fusion + Level: resampling + LN, then blocks;
-    isotropic here, so a projection replaces the resampling); a is the level before this one in the
-    same column (or the patch tokens), b the level after it in the previous column; either may be absent.
-    alpha is the per-channel scale of the reversible shortcut (official revcol.py, SubNet.alpha*)."""
+    """F(a, b) = Blocks(LN(W_a a) + LN(W_b b)): a is the level before this one in the same column (or
+    the patch tokens), b the level after it in the previous column; either may be absent. Official
+    Fusion + Level: resampling + LN, then blocks. DEVIATION: V2's fusion is not public; the levels are
+    isotropic here, so a projection replaces the resampling. alpha is the per-channel scale of the
+    reversible shortcut (official revcol.py, SubNet.alpha*)."""
 
     def __init__(self, cfg, has_a, has_b, has_alpha, drop_path):
         super().__init__()
@@ -129,7 +134,8 @@ class Level(nn.Module):
 
 
 def column_forward(column, x, prev, rng=None):
-    """One column in computation order k = 0..L-1 (RevCol paper, Eq. 1; official SubNet):
+    """One column in computation order k = 0..L-1 (RevCol paper, Fig. 2b, the multi-level reversible unit;
+    official revcol.py, SubNet):
     y_k = F_k(y_{k-1}, prev_{k+1}) + alpha_k * prev_k, with y_{-1} = x (None in top-down columns) and
     prev the previous column's outputs (None for the first column). Appends each level's RNG state to
     `rng` if given. Returns L x (B, N_x, D)."""
@@ -139,12 +145,12 @@ def column_forward(column, x, prev, rng=None):
             rng.append(rng_state((x if x is not None else prev[0]).device))
         a, b = ys[-1] if k else x, prev[k + 1] if prev is not None and k + 1 < len(column) else None
         y = level(a, b)  # (B, N_x, D)
-        ys.append(y if prev is None else y + level.alpha * prev[k])  # the reversible update (Eq. 1)
+        ys.append(y if prev is None else y + level.alpha * prev[k])  # the reversible update (RevCol paper, Fig. 2b)
     return ys
 
 
 def column_inverse(column, x, ys, recompute=None):
-    """The previous column's outputs from this column's (RevCol paper, Eq. 2; official
+    """The previous column's outputs from this column's (the unit's inverse; official revcol_function.py,
     ReverseFunction.backward): prev_k = (y_k - F_k(y_{k-1}, prev_{k+1})) / alpha_k, last position first,
     since F_k needs prev_{k+1}. `recompute(k, a, b)` may stand in for F_k (the reversible backward)."""
     L, prev = len(column), [None] * len(column)
@@ -219,7 +225,7 @@ class ReversibleColumn(torch.autograd.Function):
             if level.alpha is not None:  # y_k = ... + alpha_k * prev_k
                 add(g_in, k + 1, level.alpha * g_ys[k])
                 grads[id(level.alpha)] = (g_ys[k] * prev[k]).sum(dim=tuple(range(prev[k].ndim - 1)))
-        n_prev = L if column[0].alpha is not None else 0
+        n_prev = L if column[0].alpha is not None else 0  # DEVIATION: parameter grads returned, not accumulated
         return None, g_in[0], *g_in[1 : 1 + n_prev], *[grads.get(id(p)) for p in column.parameters()]
 
 
@@ -232,7 +238,7 @@ class RevColV2(nn.Module):
         num_patches, grid = self.patch_embed.num_patches, self.patch_embed.grid_size
         pos_embed = common.sincos_pos_embed(cfg.embed_dim, grid)  # (1, N, D)
         self.pos_embed = nn.Parameter(pos_embed, requires_grad=False)  # fixed sin-cos (MAE paper, A.1)
-        # --- columns: bottom-up on the visible patches, then top-down on all (Fig. 2 caption) ---
+        # --- columns: bottom-up on the visible patches, then top-down on all (V2 paper, Fig. 2) ---
         L, d = cfg.num_levels, cfg.level_depth
         drop_path = torch.linspace(0, cfg.drop_path, L * d).tolist()
 
@@ -241,7 +247,7 @@ class RevColV2(nn.Module):
                                         has_alpha=not first, drop_path=drop_path[k * d : k * d + d]) for k in range(L)])
 
         self.blocks = nn.ModuleList([column(True, j == 0) for j in range(cfg.encoder_columns)])
-        self.mask_token = nn.Parameter(torch.zeros(L, 1, 1, cfg.embed_dim))  # one per level (Fig. 2 caption)
+        self.mask_token = nn.Parameter(torch.zeros(L, 1, 1, cfg.embed_dim))  # one per level (V2 paper, Fig. 2)
         self.decoder_blocks = nn.ModuleList([column(False, False) for _ in range(cfg.decoder_columns)])
         self.decoder_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)  # pixel head on level 0
         self.decoder_pred = nn.Linear(cfg.embed_dim, cfg.patch_size**2 * cfg.in_chans)  # to pixels
@@ -253,7 +259,7 @@ class RevColV2(nn.Module):
     def run_column(self, column, x, prev):
         """One column: reversible (only its outputs kept) or plain autograd (--no-reversible)."""
         for level in column:  # |alpha| >= alpha_min, sign kept, so the inverse exists (official: _clamp_abs)
-            if level.alpha is not None:  # on .data, as the official code, so autograd sees no in-place op
+            if level.alpha is not None:  # DEVIATION: 0.1, not 1e-3 (fp32 inverse error, see README.md#revcolv2)
                 level.alpha.data.copy_(level.alpha.data.abs().clamp(min=self.cfg.alpha_min).copysign(level.alpha.data))
         if self.cfg.reversible and torch.is_grad_enabled():
             return list(ReversibleColumn.apply(column, x, *(prev or []), *column.parameters()))
@@ -262,6 +268,7 @@ class RevColV2(nn.Module):
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         x = self.patch_embed(imgs)  # (B, N, D)
         x = x + self.pos_embed  # position embedding before masking, so kept tokens keep theirs
+        # DEVIATION: no cls token; classification pools the top level's patch tokens
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, N_vis, D): only visible patches (Sec. 3)
         levels = None  # the first column has no previous one (official: the int 0)
         for column in self.blocks:  # bottom-up: x feeds level 0 of every column (official FullNet)
@@ -278,7 +285,7 @@ class RevColV2(nn.Module):
         levels = full[::-1]  # top-down columns compute the top level first
         for column in self.decoder_blocks:
             levels = self.run_column(column, None, levels)  # L x (B, N, D), top level first
-        x = self.decoder_norm(levels[-1])  # level 0 of the last column reconstructs (Fig. 2 caption)
+        x = self.decoder_norm(levels[-1])  # level 0 of the last column reconstructs (V2 paper, Fig. 2)
         x = self.decoder_pred(x)  # (B, N, P*P*C)
         return x, levels
 
@@ -302,13 +309,13 @@ class RevColV2(nn.Module):
 
     def forward_features(self, imgs):
         """Evaluation features: the whole model on the whole image (no mask token is inserted), (B, N, D)
-        tokens of the top level of the last column after the final norm (Fig. 2 caption: "classification
+        tokens of the top level of the last column after the final norm (V2 paper, Fig. 2: "classification
         task using the top level features"); the protocol in README.md#evaluation pools them."""
         noise = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)  # keeps grid order
         latent, _, ids_restore = self.forward_encoder(imgs, 0.0, noise)  # L x (B, N, D)
         _, levels = self.forward_decoder(latent, ids_restore)  # L x (B, N, D), top level first
-        # the final norm has no weights: pre-training would leave them unused (DDP refuses that), and a
-        # linear head on pooled features absorbs them
+        # DEVIATION: the final norm has no weights: pre-training would leave them unused (DDP refuses
+        # that), and a linear head on pooled features absorbs them
         return nn.functional.layer_norm(levels[0], levels[0].shape[-1:], eps=1e-6)  # (B, N, D)
 
 
