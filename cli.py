@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import common
 import mae
@@ -28,12 +29,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Masked image modeling: one file per method, one command line.")
 pretrain_app = typer.Typer(no_args_is_help=True, help="Pre-train a method: `pretrain METHOD [OPTIONS]`.")
 app.add_typer(pretrain_app, name="pretrain")
-console = Console()
+console, err_console = Console(), Console(stderr=True)
 
 
 def fail(message, code=2):
     """Print a one-line error and exit non-zero."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -131,7 +132,10 @@ def run_pretrain(method, preset, model, **options):
         out = common.train(net, cfg, tcfg, train_set, val_set, method, files, sample_inputs, console)
     except (FloatingPointError, ValueError) as e:
         fail(str(e), code=1)
-    console.print(f"done: log {out / 'log.jsonl'}, checkpoint {out / 'checkpoint.pt'}")
+    except InterruptedError as e:
+        fail(str(e), code=130)
+    if common.distributed()[0] == 0:
+        console.print(f"done: log {out / 'log.jsonl'}, checkpoint {out / 'checkpoint.pt'}")
 
 
 class _Bound:

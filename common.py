@@ -16,6 +16,8 @@ import inspect
 import json
 import math
 import os
+import re
+import signal
 import struct
 import subprocess
 import time
@@ -196,7 +198,7 @@ PRESETS = {
 }
 
 # ----------------------------------------------------------------------------------------------------
-# Data. Every data set yields (image, label) with the image a (C, H, W) uint8 or [0, 1] float tensor;
+# Data. Every data set yields (image, label), the image a PIL image or a (C, H, W) uint8 or [0, 1] tensor;
 # SeededDataset adds the augmentation and the per-sample random inputs of a method (e.g. masks).
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -223,7 +225,7 @@ class Shapes(torch.utils.data.Dataset):
     classes = ("circle", "square", "triangle", "ring", "cross", "star", "crescent", "ellipse")
 
     def __init__(self, split, size, img_size):
-        self.size, self.img_size, self.offset = size, img_size, {"train": 0, "val": 1 << 40}[split]
+        self.size, self.img_size, self.split_bit = size, img_size, {"train": 0, "val": 1}[split]
         t = (torch.arange(img_size) + 0.5) / img_size * 2 - 1  # pixel centres in [-1, 1]
         self.y, self.x = torch.meshgrid(t, t, indexing="ij")
 
@@ -241,7 +243,7 @@ class Shapes(torch.utils.data.Dataset):
                 (u**2 + (v / 0.5) ** 2).sqrt() - 1][label]
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed(self.offset + i)
+        g = torch.Generator().manual_seed(2 * i + self.split_bit)  # CPU generators use only 32 bits of a seed
         label = i % len(self.classes)
         rand = torch.rand(8, generator=g)
         c1, c2 = torch.rand(3, 1, 1, generator=g), torch.rand(3, 1, 1, generator=g)
@@ -284,10 +286,11 @@ class FileImages(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        from torchvision.io import ImageReadMode, decode_image
+        from PIL import Image
 
         path, label = self.samples[i]
-        return decode_image(str(path), mode=ImageReadMode.RGB), label  # (3, H, W) uint8
+        with Image.open(path) as img:
+            return img.convert("RGB"), label  # a PIL image; transform() turns it into a tensor
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -394,7 +397,7 @@ def transform(name, img_size, train):
     else:  # large natural images: resize to 1/0.875 of the crop first, as the ImageNet protocol does
         resize = round(img_size / 0.875) if name in ("imagenet", "folder") else img_size
         steps = [v2.Resize(resize, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(img_size)]
-    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 class SeededDataset(torch.utils.data.Dataset):
@@ -412,12 +415,13 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        seed = hash((self.seed, epoch, index)) & (2**63 - 1)
         img, label = self.base[index]
         with torch.random.fork_rng(devices=[]):  # torchvision transforms draw from the global RNG
-            torch.default_generator.manual_seed(seed)
+            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) % 2**32)
             img = self.transform(img)
-        extra = self.sample_inputs(torch.Generator().manual_seed(seed + 1)) if self.sample_inputs else {}
+        if not self.sample_inputs:
+            return img, label, {}
+        return img, label, self.sample_inputs(torch.Generator().manual_seed(hash((self.seed, epoch, index, 1)) % 2**32))
         return img, label, extra
 
 
@@ -508,13 +512,34 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt? {reason}): "
-                         f"restore it or re-run the training that wrote it") from None
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if refused:
+            raise ValueError(f"{path} holds pickled objects that safe loading refuses ({refused[1]}): it is "
+                             f"not a checkpoint of this project or an official facebookresearch one") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path} is not a readable checkpoint, truncated or corrupt ({reason}): restore "
+                         f"it or re-run the training that wrote it") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path} holds no 'model' state dict: it is not a checkpoint of this project "
-                         f"or of the official MAE code")
+                         f"or an official facebookresearch one")
     return ckpt
+
+
+def load_weights(model, state, source="the checkpoint"):
+    """model.load_state_dict(state, strict=True), but a mismatch (another architecture or size) is a
+    one-line ValueError naming the first differing tensor instead of torch's multi-line report."""
+    own = model.state_dict()
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if shapes:
+        k, theirs, ours = shapes[0]
+        raise ValueError(f"{source} does not fit this model: {k} is {theirs} there and {ours} here "
+                         f"({len(shapes)} tensor(s) differ): it was written for another size or method")
+    if missing or unexpected:
+        names = ", ".join((missing or unexpected)[:3])
+        raise ValueError(f"{source} does not fit this model: {len(missing)} tensor(s) missing, {len(unexpected)} "
+                         f"unexpected (e.g. {names}): it was written for another architecture or method")
+    model.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -542,7 +567,7 @@ class TrainConfig:
     amp: str = "bf16"  # autocast on GPU: bf16 | fp16 (with a gradient scaler) | fp32; CPU runs are fp32
     compile: bool = False  # torch.compile the model
     log_every: int = 20  # write a line to log.jsonl every N steps
-    ckpt_every: int = 0  # also save a checkpoint every N steps (0 = only at the end of each epoch)
+    ckpt_every: int = 0  # also save a checkpoint every N steps (0 = only at epoch ends); a multiple of --log-every
     max_steps: int = 0  # stop after N steps of the full schedule (0 = run all epochs); for budgets and tests
     out: str = ""  # run folder for log and checkpoint (default runs/<method>-<data>-<time>)
     resume: bool = False  # continue the run in --out from its checkpoint, exactly
@@ -651,7 +676,7 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
     step = 0
     if tcfg.resume:
         ckpt = load_checkpoint(ckpt_path)
-        raw.load_state_dict(ckpt["model"])
+        load_weights(raw, ckpt["model"], str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
@@ -683,9 +708,13 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        ckpt_path.with_name(ckpt_path.name + ".tmp").unlink(missing_ok=True)  # left by a run killed mid-save
         if not tcfg.resume:  # a new run (--overwrite): the old run's files go only now, once all is set up
             log_path.unlink(missing_ok=True)
             ckpt_path.unlink(missing_ok=True)
+        elif log_path.exists():  # keep what the log says up to the checkpoint; a killed run may have gone on
+            rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.endswith("}")]
+            log_path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
     log = open(log_path, "a") if main else None
 
     def write_log(**row):
@@ -709,6 +738,15 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                       f"{steps_per_epoch} steps/epoch x {tcfg.epochs} epochs, {world} process(es) on {device}, "
                       f"lr {peak_lr:.2e} (effective batch {images_per_step * world}), run folder {out}")
     saved_step = step if tcfg.resume else -1
+    signals = []  # SIGTERM (cluster preemption) or Ctrl-C: finish the step, save, stop; a second one aborts
+
+    def on_signal(signum, frame):
+        if signals and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signals.append(signum)
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop_asked = False
     with Progress(*columns, console=console, disable=not main) as progress:
         task = progress.add_task("train", total=stop, completed=step, loss=float("nan"), lr=0.0, ips=0.0)
         if step == 0:  # the held-out loss before training, the floor every later number is read against
@@ -736,7 +774,10 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                 with model.no_sync() if world > 1 and not sync else contextlib.nullcontext():
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         loss = model(imgs, **extra)[0]
-                    loss_value = all_reduce_sum(loss.detach().float(), world).item() / world
+                    # one sync per step: the loss for the log and whether any process was asked to stop
+                    stats = torch.stack([loss.detach().float(), torch.tensor(float(bool(signals)), device=device)])
+                    loss_value, stop_asked = all_reduce_sum(stats, world).tolist()
+                    loss_value /= world
                     if not math.isfinite(loss_value):
                         where = f"the checkpoint of step {saved_step} in {ckpt_path} is kept" if saved_step >= 0 else "no checkpoint was written"
                         raise FloatingPointError(f"loss is {loss_value} at step {step} (epoch {epoch + 1}); stopped, "
@@ -760,10 +801,10 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                     progress.update(task, ips=ips)
                     window, tick = [], time.perf_counter()
                 progress.update(task, completed=step, loss=loss_value, lr=lr)
-                if tcfg.ckpt_every and step % tcfg.ckpt_every == 0:
-                    save()
+                if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step % steps_per_epoch:
+                    save()  # at the end of an epoch the checkpoint comes after the held-out loss, below
                     saved_step = step
-                if step >= stop:
+                if step >= stop or stop_asked:
                     break
             if step % steps_per_epoch == 0:  # the epoch is complete: held-out loss, then a checkpoint
                 val_loss = evaluate_loss(raw, val_loader, device, amp_dtype, world, seed=tcfg.seed)
@@ -773,8 +814,14 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
                 if saved_step != step:
                     save()
                     saved_step = step
+            if stop_asked:
+                break
     if saved_step != step:
         save()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     if log:
         log.close()
+    if stop_asked:
+        raise InterruptedError(f"stopped by a signal at step {step}, checkpoint saved: continue with --resume --out {out}")
     return out

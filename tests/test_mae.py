@@ -1,0 +1,172 @@
+"""mae.py against the official MAE code's conventions: layout, masking, loss, state-dict names, timm."""
+import argparse
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import mae
+
+SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+             decoder_depth=1, decoder_num_heads=4)
+
+
+def small_model(**overrides):
+    torch.manual_seed(0)
+    return mae.MAE(mae.Config(**{**SMALL, **overrides}))
+
+
+def official_patchify(imgs, p):
+    """Transcription of the official einsum patchify (models_mae.py), the reference layout."""
+    n, c, h = imgs.shape[0], imgs.shape[1], imgs.shape[2] // p
+    x = imgs.reshape(n, c, h, p, h, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, h * h, p * p * c)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_patchify_matches_official_layout_and_round_trips(c):
+    imgs = torch.randn(2, c, 32, 32)
+    x = common.patchify(imgs, 8)
+    assert x.shape == (2, 16, 8 * 8 * c)
+    assert torch.equal(x, official_patchify(imgs, 8))
+    assert torch.equal(common.unpatchify(x, 8, c), imgs)
+
+
+def test_sincos_pos_embed_matches_official_formula():
+    """The official util/pos_embed.py, re-derived: meshgrid(w, h) puts the column first."""
+    d, g = 16, 3
+    omega = 1.0 / 10000 ** (torch.arange(d // 4, dtype=torch.float64) / (d / 4))
+    rows = []
+    for i in range(g):  # row
+        for j in range(g):  # column
+            col, row = j * omega, i * omega
+            rows.append(torch.cat([col.sin(), col.cos(), row.sin(), row.cos()]))
+    expected = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.stack(rows)]).float()
+    assert torch.allclose(common.sincos_pos_embed(d, g, cls_token=True)[0], expected, atol=1e-6)
+
+
+def test_random_masking_keeps_exact_count_and_noise_reproduces_mask():
+    x = torch.randn(4, 64, 8)
+    noise = torch.rand(4, 64)
+    x_masked, mask, ids_restore = mae.random_masking(x, 0.75, noise)
+    assert x_masked.shape == (4, 16, 8)
+    assert (mask.sum(1) == 48).all()  # exactly int(N * ratio) removed in every sample
+    # the kept tokens are the 16 with the smallest noise, in noise order
+    ids_keep = noise.argsort(1)[:, :16]
+    assert torch.equal(x_masked, torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, 8)))
+    assert torch.equal(mask, (noise.argsort(1).argsort(1) >= 16).float())
+    assert torch.equal(ids_restore, noise.argsort(1).argsort(1))
+    # the same noise gives the same mask, through the whole model too
+    model = small_model()
+    imgs = torch.randn(4, 3, 32, 32)
+    loss1, _, mask1 = model(imgs, noise=noise)
+    loss2, _, mask2 = model(imgs, noise=noise)
+    assert torch.equal(mask1, mask) and torch.equal(mask2, mask) and loss1 == loss2
+
+
+def test_loss_ignores_predictions_on_visible_patches():
+    model = small_model()
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    _, pred, mask = model(imgs, noise=noise)
+    pred = pred.detach().requires_grad_()
+    loss = model.forward_loss(imgs, pred, mask)
+    changed = pred.detach() + 100.0 * (1 - mask)[..., None]  # perturb only visible patches
+    assert torch.allclose(model.forward_loss(imgs, changed, mask), loss)
+    loss.backward()
+    assert (pred.grad[mask == 0] == 0).all() and (pred.grad[mask == 1] != 0).any()
+
+
+def test_norm_pix_target_formula():
+    model = small_model(norm_pix_loss=True)
+    imgs = torch.rand(2, 3, 32, 32)
+    mask = torch.zeros(2, 64)
+    mask[:, ::2] = 1
+    patches = official_patchify(imgs, 4)
+    mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True, unbiased=True)
+    target = (patches - mean) / torch.sqrt(var + 1e-6)
+    assert model.forward_loss(imgs, target, mask).abs() < 1e-10  # predicting the target exactly: zero loss
+    pred = torch.randn(2, 64, 48)
+    by_hand = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    assert torch.allclose(model.forward_loss(imgs, pred, mask), by_hand)
+    raw = small_model(norm_pix_loss=False)
+    assert raw.forward_loss(imgs, patches, mask).abs() < 1e-10  # without norm_pix, raw pixels are the target
+
+
+def official_vit_b_keys():
+    """Names and shapes of facebookresearch/mae's mae_vit_base_patch16_dec512d8b state dict."""
+    shapes = {"cls_token": (1, 1, 768), "pos_embed": (1, 197, 768), "patch_embed.proj.weight": (768, 3, 16, 16),
+              "patch_embed.proj.bias": (768,), "norm.weight": (768,), "norm.bias": (768,),
+              "decoder_embed.weight": (512, 768), "decoder_embed.bias": (512,), "mask_token": (1, 1, 512),
+              "decoder_pos_embed": (1, 197, 512), "decoder_norm.weight": (512,), "decoder_norm.bias": (512,),
+              "decoder_pred.weight": (768, 512), "decoder_pred.bias": (768,)}
+    for prefix, depth, d in (("blocks", 12, 768), ("decoder_blocks", 8, 512)):
+        for i in range(depth):
+            block = {"norm1.weight": (d,), "norm1.bias": (d,), "attn.qkv.weight": (3 * d, d), "attn.qkv.bias": (3 * d,),
+                     "attn.proj.weight": (d, d), "attn.proj.bias": (d,), "norm2.weight": (d,), "norm2.bias": (d,),
+                     "mlp.fc1.weight": (4 * d, d), "mlp.fc1.bias": (4 * d,), "mlp.fc2.weight": (d, 4 * d),
+                     "mlp.fc2.bias": (d,)}
+            shapes.update({f"{prefix}.{i}.{k}": v for k, v in block.items()})
+    return shapes
+
+
+def test_state_dict_has_official_vit_b_names_and_shapes():
+    model = mae.MAE(mae.Config())  # the defaults are ViT-B/16 with the 512-d, 8-block decoder
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == official_vit_b_keys()
+
+
+def test_official_style_checkpoint_loads_strictly(tmp_path):
+    """A file shaped like the official ones: {"model": ..., "args": Namespace, "epoch": ...}."""
+    source = small_model()
+    path = tmp_path / "mae_pretrain_vit_small.pth"
+    torch.save({"model": source.state_dict(), "args": argparse.Namespace(model="mae_vit_base_patch16"), "epoch": 799},
+               path)
+    ckpt = common.load_checkpoint(path)  # weights_only=True, with the official args Namespace allowed
+    target = mae.MAE(mae.Config(**SMALL))
+    target.load_state_dict(ckpt["model"], strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    # encoder-only files (like mae_pretrain_vit_base.pth): every encoder key is matched, only the decoder is missing
+    encoder_only = {k: v for k, v in ckpt["model"].items() if not k.startswith(("decoder", "mask_token"))}
+    missing, unexpected = target.load_state_dict(encoder_only, strict=False)
+    assert unexpected == [] and missing and all(k.startswith(("decoder", "mask_token")) for k in missing)
+
+
+def test_encoder_equals_timm_vision_transformer():
+    timm = pytest.importorskip("timm")
+    model = small_model().eval()
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0, qkv_bias=True, num_classes=0,
+        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6)).eval()
+    encoder = {k: v for k, v in model.state_dict().items() if k in vit.state_dict()}
+    vit.load_state_dict(encoder, strict=True)  # every timm parameter comes from our encoder
+    assert set(encoder) == {k for k in model.state_dict() if not k.startswith(("decoder", "mask_token"))}
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = model.forward_encoder(imgs, 0.0, torch.arange(64).expand(2, -1))[0]  # (B, 1 + N, D), grid order
+        theirs = vit.forward_features(imgs)
+        assert torch.allclose(ours, theirs, atol=1e-5)
+        assert torch.allclose(model.forward_features(imgs), theirs[:, 1:], atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="mask-ratio"):
+        mae.Config(mask_ratio=1.0)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        mae.MAE(mae.Config(**{**SMALL, "img_size": 30}))
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 32, 32\)"):
+        small_model()(torch.randn(2, 3, 28, 28))
+
+
+def test_one_step_learns_and_only_decoder_targets_masked_patches():
+    """Smoke: finite loss, gradients reach the encoder's first weights, one AdamW step lowers the loss."""
+    model = small_model()
+    imgs, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss, pred, mask = model(imgs, noise=noise)
+    assert torch.isfinite(loss) and pred.shape == (8, 64, 48) and mask.shape == (8, 64)
+    loss.backward()
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+    opt.step()
+    assert model(imgs, noise=noise)[0] < loss

@@ -1,0 +1,116 @@
+"""Scale and reliability: torchrun DDP on CPU (gloo), resume after a kill, graceful stop on SIGTERM."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+import mae
+from conftest import ROOT, run_cli
+
+
+def read_log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def losses(run):
+    return {row["step"]: row["loss"] for row in read_log(run) if "loss" in row}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    args = ("pretrain", "mae", "--preset", "tiny", "--epochs", 1, "--train-size", 128, "--log-every", 1)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(*args, "--batch-size", 16, "--out", one).returncode == 0
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "cli.py", *map(str, args), "--batch-size", 8, "--out", str(two)]
+    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("done: log") == 1  # rank 0 alone reports and writes
+    a, b = losses(one), losses(two)
+    assert list(a) == list(b) == list(range(1, 9))
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)  # same samples, masks and mean: only float order differs
+    val = lambda run: [row["val_loss"] for row in read_log(run) if "val_loss" in row]  # noqa: E731
+    assert all(abs(x - y) < 1e-5 for x, y in zip(val(one), val(two)))  # held-out loss reduced across ranks
+    assert common.load_checkpoint(two)["world_size"] == 2
+
+
+def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
+    args = ("pretrain", "mae", "--preset", "tiny", "--patch-size", 4, "--train-size", 768, "--epochs", 1,
+            "--ckpt-every", 2)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_cli(*args, "--out", full).returncode == 0
+    proc = subprocess.Popen([sys.executable, "cli.py", *map(str, args), "--out", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, step = time.time() + 120, 0
+    while step < 6 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]  # atomic: never half-written
+        except (FileNotFoundError, RuntimeError, EOFError):
+            pass
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = common.load_checkpoint(killed)["step"]
+    assert 6 <= saved < 24
+    r = run_cli("pretrain", "mae", "--out", killed, "--resume")
+    assert r.returncode == 0, r.stderr
+    rows = [row["step"] for row in read_log(killed) if "loss" in row]
+    assert rows == list(range(1, 25))  # the killed run's lines after its checkpoint were dropped, none repeated
+    assert losses(killed) == losses(full)  # bitwise, including the steps after the resume
+    a, b = common.load_checkpoint(full)["model"], common.load_checkpoint(killed)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
+    out = tmp_path / "run"
+    args = ("pretrain", "mae", "--preset", "tiny", "--patch-size", 4, "--train-size", 1024, "--epochs", 1, "--out", out)
+    proc = subprocess.Popen([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # wait for training to start
+        if (out / "log.jsonl").exists() and any("loss" in row for row in read_log(out)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped by a signal" in err and "--resume" in err
+    ckpt = common.load_checkpoint(out)
+    assert 0 < ckpt["step"] < 32 and ckpt["step"] == max(losses(out))
+
+
+def test_wrong_architecture_checkpoint_gives_one_line(tmp_path):
+    small = mae.MAE(mae.Config(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+                               decoder_depth=1, decoder_num_heads=4))
+    wider = mae.MAE(mae.Config(img_size=32, patch_size=4, embed_dim=128, depth=2, num_heads=4, decoder_embed_dim=32,
+                               decoder_depth=1, decoder_num_heads=4))
+    with pytest.raises(ValueError, match=r"cls_token is \(1, 1, 64\) there and \(1, 1, 128\) here") as e:
+        common.load_weights(wider, small.state_dict(), "x.pt")
+    assert "\n" not in str(e.value)
+    deeper = mae.MAE(mae.Config(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4, decoder_embed_dim=32,
+                                decoder_depth=1, decoder_num_heads=4))
+    with pytest.raises(ValueError, match="tensor\\(s\\) missing"):
+        common.load_weights(deeper, small.state_dict())
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """--compile (torch.compile, slow to compile on CPU) trains the same model as eager mode."""
+    args = ("pretrain", "mae", "--preset", "tiny", "--max-steps", 3)
+    assert run_cli(*args, "--out", tmp_path / "eager").returncode == 0
+    r = run_cli(*args, "--compile", "--out", tmp_path / "compiled")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert list(a) == list(b) and all(abs(a[s] - b[s]) < 1e-4 for s in a)

@@ -1,0 +1,137 @@
+"""The training loop and the pretrain command, through the CLI as a user runs them."""
+import json
+
+import pytest
+import torch
+
+import common
+from conftest import run_cli
+
+
+def read_log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_smoke_two_steps_writes_log_and_full_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert f"checkpoint {out / 'checkpoint.pt'}" in r.stdout.replace("\n", "")
+    rows = read_log(out)
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2]
+    assert rows[0]["step"] == 0 and "val_loss" in rows[0]  # the held-out loss before training
+    ckpt = common.load_checkpoint(out)
+    assert ckpt["step"] == 2 and ckpt["method"] == "mae" and ckpt["config"]["embed_dim"] == 64
+    assert {"model", "optimizer", "scaler", "rng", "train", "git", "code"} <= set(ckpt)
+    assert "def random_masking" in ckpt["code"]["mae.py"] and "def train(" in ckpt["code"]["common.py"]
+    assert json.loads((out / "config.json").read_text())["config"] == ckpt["config"]
+
+
+def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path):
+    args = ("pretrain", "mae", "--preset", "tiny", "--epochs", 2)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_cli(*args, "--out", full, "--num-workers", 0).returncode == 0
+    # stopped mid-epoch at step 5, with a data worker: per-sample seeding makes worker count irrelevant
+    assert run_cli(*args, "--out", cut, "--max-steps", 5, "--num-workers", 1).returncode == 0
+    r = run_cli("pretrain", "mae", "--out", cut, "--resume", "--max-steps", 0, "--num-workers", 0)
+    assert r.returncode == 0, r.stderr
+    steps = {row["step"]: row for row in read_log(full) if "loss" in row}
+    resumed = [row for row in read_log(cut) if "loss" in row and row["step"] > 5]
+    assert [row["step"] for row in resumed] == list(range(6, 17))
+    assert all(row["loss"] == steps[row["step"]]["loss"] for row in resumed)  # bitwise on CPU
+    val = lambda run: [row["val_loss"] for row in read_log(run) if "val_loss" in row][-2:]  # noqa: E731
+    assert val(cut) == val(full)
+    a, b = common.load_checkpoint(full)["model"], common.load_checkpoint(cut)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_out_folder_with_a_run_is_refused_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 1, "--out", out).returncode == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    r = run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 1, "--out", out)
+    assert r.returncode != 0 and "already holds a run" in r.stderr and "--overwrite" in r.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before  # nothing on disk was touched
+    r = run_cli("pretrain", "mae", "--out", out, "--resume", "--mask-ratio", 0.5)
+    assert r.returncode != 0 and "--mask-ratio" in r.stderr  # resume keeps the saved settings
+    assert run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 1, "--out", out, "--overwrite").returncode == 0
+
+
+def test_corrupt_or_foreign_checkpoint_gives_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 1, "--out", out).returncode == 0
+    path = out / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
+    r = run_cli("pretrain", "mae", "--out", out, "--resume")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "not a readable checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ValueError, match="no 'model' state dict"):
+        common.load_checkpoint(path)
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        common.load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("pretrain", "mae", "--mask-ratio", 1.5), "--mask-ratio must be in (0, 1)"),
+    (("pretrain", "mae", "--mask-ratio", 0), "--mask-ratio must be in (0, 1)"),
+    (("pretrain", "mae", "--img-size", 30, "--patch-size", 4), "not a multiple of the patch size"),
+    (("pretrain", "mae", "--epochs", 0), "--epochs must be at least 1"),
+    (("pretrain", "mae", "--batch-size", -2), "--batch-size must be at least 1"),
+    (("pretrain", "mae", "--preset", "huge"), "unknown preset"),
+    (("pretrain", "mae", "--data", "mnist"), "unknown data set"),
+    (("pretrain", "mae", "--data", "tiny-imagenet", "--data-dir", "/nonexistent"), "wnids.txt"),
+    (("pretrain", "mae", "--data", "fashion-mnist", "--in-chans", 3), "does not match"),
+    (("pretrain", "mae", "--resume"), "--resume needs --out"),
+    (("pretrain", "no-such-method"), "No such command"),
+])
+def test_bad_options_fail_with_one_clear_line(args, message):
+    r = run_cli(*args)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_lists_every_config_field_with_its_source():
+    import mae
+
+    r = run_cli("pretrain", "mae", "--help")
+    assert r.returncode == 0
+    for cls in (mae.Config, common.TrainConfig):
+        for name in cls.__dataclass_fields__:
+            assert "--" + name.replace("_", "-") in r.stdout
+    assert "Tab. 1c" in r.stdout  # the trailing comment of norm_pix_loss is its help text
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import mae
+
+    cfg = mae.Config(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                     decoder_depth=1, decoder_num_heads=2)
+    tcfg = common.TrainConfig(data="shapes", train_size=64, val_size=16, batch_size=16, epochs=3, warmup_epochs=0,
+                              num_workers=0, out=str(tmp_path / "run"))
+    model = mae.MAE(cfg)
+    real_forward, calls = model.forward, []
+
+    def forward(imgs, **inputs):  # the 6th step (the 2nd of epoch 2) diverges
+        calls.append(1)
+        loss, pred, mask = real_forward(imgs, **inputs)
+        return (loss * float("nan") if len(calls) == 6 + 2 else loss), pred, mask  # +2: held-out batches
+
+    monkeypatch.setattr(model, "forward", forward)
+    data = common.load_dataset("shapes", "train", size=64), common.load_dataset("shapes", "val", size=16)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 5 \(epoch 2\).*step 4.*is kept"):
+        common.train(model, cfg, tcfg, *data, "mae", [mae.__file__, common.__file__], None)
+    ckpt = common.load_checkpoint(tmp_path / "run")
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_short_run_on_builtin_data_lowers_held_out_loss(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("pretrain", "mae", "--preset", "tiny", "--patch-size", 4, "--train-size", 512, "--epochs", 4,
+                "--blr", 1e-2, "--warmup-epochs", 1, "--log-every", 100, "--out", out)
+    assert r.returncode == 0, r.stderr
+    val = [row["val_loss"] for row in read_log(out) if "val_loss" in row]
+    assert len(val) == 5  # before training and after each epoch, on held-out images with fixed masks
+    # predicting each patch's mean scores 1 - 1/48 on norm-pix targets (48 = 4 x 4 x 3 values, unbiased
+    # variance): the run must do clearly better than that, not just unlearn its random init
+    trivial = 1 - 1 / 48
+    assert val[-1] < 0.9 * trivial and val[-1] < 0.7 * val[0], val
