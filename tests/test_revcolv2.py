@@ -229,7 +229,7 @@ def test_cli_pretrain_tiny_and_clear_errors(tmp_path):
     assert any(k.startswith("decoder_blocks.1.3.") for k in ckpt["model"])
 
     r = run_cli("pretrain", "revcolv2", "--preset", "tiny", "--num-levels", "1", "--out", tmp_path / "bad")
-    assert r.returncode == 2 and "--num-levels must be at least 2" in r.stdout
+    assert r.returncode == 2 and "--num-levels must be at least 2" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr
 
 
