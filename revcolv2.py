@@ -139,12 +139,12 @@ def column_forward(column, x, prev, rng=None):
     y_k = F_k(y_{k-1}, prev_{k+1}) + alpha_k * prev_k, with y_{-1} = x (None in top-down columns) and
     prev the previous column's outputs (None for the first column). Appends each level's RNG state to
     `rng` if given. Returns L x (B, N_x, D)."""
-    ys = []
+    ys, stream = [], x if x is not None else prev[0]
     for k, level in enumerate(column):
         if rng is not None:
-            rng.append(rng_state((x if x is not None else prev[0]).device))
+            rng.append(rng_state(stream.device))
         a, b = ys[-1] if k else x, prev[k + 1] if prev is not None and k + 1 < len(column) else None
-        y = level(a, b)  # (B, N_x, D)
+        y = level(a, b).to(stream.dtype)  # (B, N_x, D), kept in the stream's dtype under autocast
         ys.append(y if prev is None else y + level.alpha * prev[k])  # the reversible update (RevCol paper, Fig. 2b)
     return ys
 

@@ -108,6 +108,29 @@ def test_reversible_gradients_equal_plain_autograd(objective):
         assert all(g is not None for g in g_p.values())
 
 
+def test_reversible_backward_recomputes_under_the_forward_autocast():
+    """bf16 autocast (on CPU here; the loop uses it on GPUs): the backward recompute must run under the
+    forward's autocast state. Then reversible gradients stay far closer to plain ones than bf16 itself
+    moves them (measured: 0.15% vs 0.7%); recomputing in fp32 instead gives 2.3%."""
+    torch.manual_seed(0)
+    model = revcolv2.RevColV2(small(drop_path=0.2))
+    imgs, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+
+    def flat_grads(reversible, bf16):
+        m = copy.deepcopy(model)
+        m.cfg.reversible = reversible
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            m(imgs, noise=noise)[0].backward()
+        return torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    plain_fp32, plain_bf16, reversible_bf16 = flat_grads(False, False), flat_grads(False, True), flat_grads(True, True)
+    assert rel(reversible_bf16, plain_bf16) < 0.5 * rel(plain_bf16, plain_fp32)
+
+
 def test_short_run_gives_identical_losses_in_both_modes():
     data = common.Shapes("train", 32, 16)
     imgs = torch.stack([data[i][0] for i in range(32)])
