@@ -26,12 +26,14 @@ import common
 import evaluate
 import mae
 import pr_mim
+import revcolv2
 import simmim
 
 METHODS = {  # command-line name: (method file, model class)
     "mae": (mae, mae.MAE),
     "simmim": (simmim, simmim.SimMIM),
     "pr-mim": (pr_mim, pr_mim.PRMIM),
+    "revcolv2": (revcolv2, revcolv2.RevColV2),
 }
 DEFAULT_PRESET = "cpu"
 OFFICIAL_CHECKPOINT_METHOD = "mae"  # checkpoints of facebookresearch/mae do not name their method

@@ -1,0 +1,327 @@
+"""RevColV2: Exploring Disentangled Representations in Masked Image Modeling.
+
+Han, Cai, Zhang, NeurIPS 2023. https://arxiv.org/abs/2309.01005
+Official code: https://github.com/megvii-research/RevCol (RevCol v1 only, models/revcol.py and
+models/revcol_function.py: the V2 code was never released). README section: README.md#revcolv2
+"article" below is the first author's write-up of V2 (PaperWeekly, 2023); RevCol paper: arXiv 2212.11696.
+
+Idea: MAE throws its decoder away after pre-training, so the features it fine-tunes are not the ones
+it learned to reconstruct from. RevColV2 keeps the whole autoencoder. Its body is a stack of columns,
+each with L levels of ViT blocks at one width on one token grid; level k of column j reads the level
+below it in the same column and the level above it in the previous column, and adds a per-channel
+scaled copy of its own previous value: y = F(lower, upper_prev) + alpha * y_prev. With alpha != 0 the
+previous column is recomputed exactly from the next one, y_prev = (y - F) / alpha, so no column loses
+information and training need not store activations. Bottom-up columns run on the visible 25% of the
+patches; at the boundary every level gets its own learned mask token at the hidden positions; top-down
+columns run on all patches; level 0 of the last column predicts the hidden pixels (MAE's loss). That
+detail-level target pushes semantics up the levels, and classification reads the top level of the
+same last column: nothing is thrown away.
+
+Changes relative to mae.py:
+- Config: `num_levels`, `level_depth`, `encoder_columns`, `decoder_columns` replace depth / decoder
+  depth and width (one width, `embed_dim`, everywhere); `alpha_init`, `alpha_min`, `reversible`.
+- `Level` (fusion + blocks + alpha), `column_forward`, its exact inverse `column_inverse`, and
+  `ReversibleColumn`, the autograd.Function that keeps only each column's outputs.
+- forward_encoder: bottom-up columns on the visible tokens, no cls token; forward_decoder: per-level
+  mask tokens at the boundary, top-down columns, pixel head on level 0 of the last column.
+- forward_features: the top level of the last column, the whole model on the whole image.
+
+Deviations from the paper and the official code:
+- The V2 internals are not public: isotropic ViT levels, the fusion LN(W_a a) + LN(W_b b), top-down
+  columns as the mirror of bottom-up ones, and the column counts are our reading (README.md#revcolv2).
+- alpha is clamped to |alpha| >= 0.1, not 1e-3: in fp32 the inverse error grows about 1/alpha per
+  level, so below ~0.1 the reversible gradients go wrong (measured in README.md#revcolv2).
+- No cls token: features are the top-level patch tokens (classification pools them), after a
+  LayerNorm without weights (weights would go unused in pre-training, which DDP refuses).
+- Not implemented: the joint variant with a CLIP teacher at the top level (article), and v1's
+  intermediate supervision.
+- ReversibleColumn returns parameter gradients from backward (official: accumulates them with
+  torch.autograd.backward inside backward), so torch.autograd.grad and DDP see them as usual.
+- The masking noise is drawn per sample in the data workers (`sample_inputs`), as in mae.py.
+
+Usage: python cli.py pretrain revcolv2 --preset cifar
+"""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import common
+
+
+@dataclass
+class Config:
+    img_size: int = 224  # input resolution (MAE paper, Sec. 4)
+    patch_size: int = 16  # ViT-B/16 patches
+    in_chans: int = 3  # image channels; set from the data set
+    embed_dim: int = 768  # width of every level of every column (ViT-B width; RevColV2-B's is unverified)
+    num_heads: int = 12  # ViT-B attention heads
+    num_levels: int = 4  # levels per column, all on the full token grid (article: levels 0-3)
+    level_depth: int = 1  # ViT blocks per level (article: "each level is one transformer block")
+    encoder_columns: int = 2  # bottom-up columns, on the visible patches (count unverified)
+    decoder_columns: int = 2  # top-down columns, on all patches (count unverified)
+    mlp_ratio: float = 4.0  # MLP hidden width / width
+    norm_pix_loss: bool = True  # per-patch normalised pixels as the target (MAE paper, Tab. 1c)
+    mask_ratio: float = 0.75  # fraction of patches removed (MAE paper, Fig. 5)
+    drop_path: float = 0.0  # stochastic depth, by block position within a column (official revcol.py)
+    alpha_init: float = 0.5  # initial reversible scale alpha (official: shortcut_scale_init_value)
+    alpha_min: float = 0.1  # |alpha| is clamped to at least this, sign kept (official: 1e-3; see README)
+    reversible: bool = True  # recompute activations in backward from the inverse (official: save_memory)
+
+    def __post_init__(self):
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
+        counts = dict(num_levels=self.num_levels - 1, level_depth=self.level_depth,
+                      encoder_columns=self.encoder_columns, decoder_columns=self.decoder_columns)
+        for name, value in counts.items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {2 if name == 'num_levels' else 1}, "
+                                 f"got {value + (name == 'num_levels')}")
+        if not 0 < self.alpha_min <= abs(self.alpha_init):
+            raise ValueError(f"need 0 < --alpha-min <= |--alpha-init|, got {self.alpha_min} and {self.alpha_init}")
+
+
+BENCH_VARIANTS = {  # `python cli.py bench revcolv2` rows beside the default (reversible, 2+2 columns)
+    "plain autograd": dict(reversible=False),
+    "4+4 columns": dict(encoder_columns=4, decoder_columns=4),
+    "4+4 columns, plain autograd": dict(encoder_columns=4, decoder_columns=4, reversible=False),
+}
+
+
+def random_masking(x, mask_ratio, noise=None):
+    """Per-sample random masking by sorting noise (official models_mae.py, random_masking).
+
+    x: (B, N, D) tokens; noise: (B, N) in [0, 1), drawn here if not given: the patches with the
+    smallest noise are kept. Returns the kept tokens (B, N_vis, D), the mask (B, N) with 0 = keep,
+    1 = remove, and ids_restore (B, N), which puts shuffled tokens back in grid order."""
+    B, N, D = x.shape
+    len_keep = int(N * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(B, N, device=x.device)  # (B, N)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small is keep, large is remove
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, N)
+    ids_keep = ids_shuffle[:, :len_keep]  # (B, N_vis)
+    x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (B, N_vis, D)
+    mask = torch.ones(B, N, device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # (B, N), unshuffled to grid order
+    return x_masked, mask, ids_restore
+
+
+def sample_inputs(cfg, generator):
+    """Random inputs of one sample, drawn in the data workers: the masking noise (N,)."""
+    return {"noise": torch.rand((cfg.img_size // cfg.patch_size) ** 2, generator=generator)}
+
+
+class Level(nn.Module):
+    """F(a, b) = Blocks(LN(W_a a) + LN(W_b b)): a is the level before this one in the same column (or
+    the patch tokens), b the level after it in the previous column; either may be absent. Official
+    Fusion + Level: resampling + LN, then blocks. DEVIATION: V2's fusion is not public; the levels are
+    isotropic here, so a projection replaces the resampling. alpha is the per-channel scale of the
+    reversible shortcut (official revcol.py, SubNet.alpha*)."""
+
+    def __init__(self, cfg, has_a, has_b, has_alpha, drop_path):
+        super().__init__()
+        proj = lambda: nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.LayerNorm(cfg.embed_dim, eps=1e-6))
+        self.fuse_a, self.fuse_b = proj() if has_a else None, proj() if has_b else None
+        self.blocks = nn.Sequential(*[common.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, p) for p in drop_path])
+        self.alpha = nn.Parameter(torch.full((cfg.embed_dim,), cfg.alpha_init)) if has_alpha else None
+
+    def forward(self, a, b):
+        x = sum(fuse(t) for fuse, t in ((self.fuse_a, a), (self.fuse_b, b)) if fuse is not None)  # (B, N_x, D)
+        return self.blocks(x)
+
+
+def column_forward(column, x, prev, rng=None):
+    """One column in computation order k = 0..L-1 (RevCol paper, Fig. 2b, the multi-level reversible unit;
+    official revcol.py, SubNet):
+    y_k = F_k(y_{k-1}, prev_{k+1}) + alpha_k * prev_k, with y_{-1} = x (None in top-down columns) and
+    prev the previous column's outputs (None for the first column). Appends each level's RNG state to
+    `rng` if given. Returns L x (B, N_x, D)."""
+    ys, stream = [], x if x is not None else prev[0]
+    for k, level in enumerate(column):
+        if rng is not None:
+            rng.append(rng_state(stream.device))
+        a, b = ys[-1] if k else x, prev[k + 1] if prev is not None and k + 1 < len(column) else None
+        y = level(a, b).to(stream.dtype)  # (B, N_x, D), kept in the stream's dtype under autocast
+        ys.append(y if prev is None else y + level.alpha * prev[k])  # the reversible update (RevCol paper, Fig. 2b)
+    return ys
+
+
+def column_inverse(column, x, ys, recompute=None):
+    """The previous column's outputs from this column's (the unit's inverse; official revcol_function.py,
+    ReverseFunction.backward): prev_k = (y_k - F_k(y_{k-1}, prev_{k+1})) / alpha_k, last position first,
+    since F_k needs prev_{k+1}. `recompute(k, a, b)` may stand in for F_k (the reversible backward)."""
+    L, prev = len(column), [None] * len(column)
+    for k in reversed(range(L)):
+        a, b = ys[k - 1] if k else x, prev[k + 1] if k + 1 < L else None
+        f = recompute(k, a, b) if recompute else column[k](a, b)  # (B, N_x, D)
+        if column[k].alpha is not None:  # the first column has no previous one
+            prev[k] = (ys[k] - f) / column[k].alpha
+    return prev
+
+
+# Device state (commented, as the guidelines ask): the drop-path masks and the autocast dtype of the
+# recompute in backward must be the forward's (official revcol_function.py keeps them the same way).
+def rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def rng_restored(state, device):
+    with torch.random.fork_rng(devices=[device] if state[1] is not None else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+class ReversibleColumn(torch.autograd.Function):
+    """A column that keeps only its outputs (and x); backward recovers its inputs with column_inverse
+    and recomputes one level at a time (official revcol_function.py, ReverseFunction). Inputs:
+    column, x or None, then the previous column's L outputs (none for the first column), then
+    column.parameters(), whose gradients backward returns."""
+
+    @staticmethod
+    def forward(ctx, column, x, *tensors):
+        prev = list(tensors[: len(column)]) if column[0].alpha is not None else None
+        ctx.column, ctx.rng, ctx.device = column, [], (x if x is not None else tensors[0]).device
+        dev = ctx.device.type
+        ctx.autocast = dict(device_type=dev, dtype=torch.get_autocast_dtype(dev),
+                            enabled=torch.is_autocast_enabled(dev), cache_enabled=torch.is_autocast_cache_enabled())
+        ys = column_forward(column, x, prev, ctx.rng)  # Function.forward runs without grad: nothing is kept
+        ctx.save_for_backward(x, *ys)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *g_ys):
+        x, *ys = ctx.saved_tensors
+        column, g_ys, L = ctx.column, list(g_ys), len(ys)
+        g_in, grads = [None] * (L + 1), {}  # grads of x and prev_0..prev_{L-1}; id(parameter) -> grad
+
+        def add(grad_list, i, g):
+            grad_list[i] = g if grad_list[i] is None else grad_list[i] + g
+
+        def recompute(k, a, b):  # F_k with grad, its grads handed on; k goes L-1..0, so g_ys[k] is complete
+            a, b = [t.detach().requires_grad_() if t is not None else None for t in (a, b)]
+            with torch.enable_grad(), rng_restored(ctx.rng[k], ctx.device), torch.autocast(**ctx.autocast):
+                f = column[k](a, b)  # (B, N_x, D)
+            params = [p for name, p in column[k].named_parameters() if name != "alpha" and p.requires_grad]
+            leaves = [t for t in (a, b) if t is not None] + params
+            g = list(torch.autograd.grad(f, leaves, g_ys[k], allow_unused=True))
+            if a is not None:  # a is y_{k-1} of this column, or x
+                if k:
+                    add(g_ys, k - 1, g.pop(0))
+                else:
+                    add(g_in, 0, g.pop(0))
+            if b is not None:  # b is prev_{k+1}
+                add(g_in, k + 2, g.pop(0))
+            grads.update({id(p): gp for p, gp in zip(params, g)})
+            return f.detach()
+
+        prev = column_inverse(column, x, ys, recompute)
+        for k, level in enumerate(column):
+            if level.alpha is not None:  # y_k = ... + alpha_k * prev_k
+                add(g_in, k + 1, level.alpha * g_ys[k])
+                grads[id(level.alpha)] = (g_ys[k] * prev[k]).sum(dim=tuple(range(prev[k].ndim - 1)))
+        n_prev = L if column[0].alpha is not None else 0  # DEVIATION: parameter grads returned, not accumulated
+        return None, g_in[0], *g_in[1 : 1 + n_prev], *[grads.get(id(p)) for p in column.parameters()]
+
+
+class RevColV2(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        # --- patch tokens (shared by every bottom-up column, as the official stem output) ---
+        self.patch_embed = common.PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        num_patches, grid = self.patch_embed.num_patches, self.patch_embed.grid_size
+        pos_embed = common.sincos_pos_embed(cfg.embed_dim, grid)  # (1, N, D)
+        self.pos_embed = nn.Parameter(pos_embed, requires_grad=False)  # fixed sin-cos (MAE paper, A.1)
+        # --- columns: bottom-up on the visible patches, then top-down on all (V2 paper, Fig. 2) ---
+        L, d = cfg.num_levels, cfg.level_depth
+        drop_path = torch.linspace(0, cfg.drop_path, L * d).tolist()
+
+        def column(bottom_up, first):  # position k: level k bottom-up, level L-1-k top-down
+            return nn.ModuleList([Level(cfg, has_a=bottom_up or k > 0, has_b=not first and k < L - 1,
+                                        has_alpha=not first, drop_path=drop_path[k * d : k * d + d]) for k in range(L)])
+
+        self.blocks = nn.ModuleList([column(True, j == 0) for j in range(cfg.encoder_columns)])
+        self.mask_token = nn.Parameter(torch.zeros(L, 1, 1, cfg.embed_dim))  # one per level (V2 paper, Fig. 2)
+        self.decoder_blocks = nn.ModuleList([column(False, False) for _ in range(cfg.decoder_columns)])
+        self.decoder_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)  # pixel head on level 0
+        self.decoder_pred = nn.Linear(cfg.embed_dim, cfg.patch_size**2 * cfg.in_chans)  # to pixels
+        # --- initialisation (official MAE initialize_weights; alpha keeps alpha_init) ---
+        common.init_weights(self)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.num_patches = num_patches
+
+    def run_column(self, column, x, prev):
+        """One column: reversible (only its outputs kept) or plain autograd (--no-reversible)."""
+        for level in column:  # |alpha| >= alpha_min, sign kept, so the inverse exists (official: _clamp_abs)
+            if level.alpha is not None:  # DEVIATION: 0.1, not 1e-3 (fp32 inverse error, see README.md#revcolv2)
+                level.alpha.data.copy_(level.alpha.data.abs().clamp(min=self.cfg.alpha_min).copysign(level.alpha.data))
+        if self.cfg.reversible and torch.is_grad_enabled():
+            return list(ReversibleColumn.apply(column, x, *(prev or []), *column.parameters()))
+        return column_forward(column, x, prev)
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        x = self.patch_embed(imgs)  # (B, N, D)
+        x = x + self.pos_embed  # position embedding before masking, so kept tokens keep theirs
+        # DEVIATION: no cls token; classification pools the top level's patch tokens
+        x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, N_vis, D): only visible patches (Sec. 3)
+        levels = None  # the first column has no previous one (official: the int 0)
+        for column in self.blocks:  # bottom-up: x feeds level 0 of every column (official FullNet)
+            levels = self.run_column(column, x, levels)  # L x (B, N_vis, D), level 0 first
+        return levels, mask, ids_restore
+
+    def forward_decoder(self, levels, ids_restore):
+        full = []  # every level gets its own mask token at the hidden positions (article, Fig. 3)
+        for k, x in enumerate(levels):
+            mask_tokens = self.mask_token[k].repeat(x.shape[0], ids_restore.shape[1] - x.shape[1], 1)  # (B, N_mask, D)
+            x_ = torch.cat([x, mask_tokens], dim=1)  # (B, N, D), shuffled order
+            x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (B, N, D), grid order
+            full.append(x_ + self.pos_embed)
+        levels = full[::-1]  # top-down columns compute the top level first
+        for column in self.decoder_blocks:
+            levels = self.run_column(column, None, levels)  # L x (B, N, D), top level first
+        x = self.decoder_norm(levels[-1])  # level 0 of the last column reconstructs (V2 paper, Fig. 2)
+        x = self.decoder_pred(x)  # (B, N, P*P*C)
+        return x, levels
+
+    def forward_loss(self, imgs, pred, mask):
+        """imgs: (B, C, H, W); pred: (B, N, P*P*C); mask: (B, N), 0 is keep, 1 is remove."""
+        target = common.patchify(imgs, self.cfg.patch_size)  # (B, N, P*P*C)
+        if self.cfg.norm_pix_loss:  # normalise each target patch by its own mean and variance (Tab. 1c)
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as the official code
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = (pred - target) ** 2
+        loss = loss.mean(dim=-1)  # (B, N), mean loss per patch
+        return (loss * mask).sum() / mask.sum()  # mean loss on removed patches only (Sec. 3)
+
+    def forward(self, imgs, mask_ratio=None, noise=None):
+        mask_ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred, _ = self.forward_decoder(latent, ids_restore)  # (B, N, P*P*C)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+    def forward_features(self, imgs):
+        """Evaluation features: the whole model on the whole image (no mask token is inserted), (B, N, D)
+        tokens of the top level of the last column after the final norm (V2 paper, Fig. 2: "classification
+        task using the top level features"); the protocol in README.md#evaluation pools them."""
+        noise = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)  # keeps grid order
+        latent, _, ids_restore = self.forward_encoder(imgs, 0.0, noise)  # L x (B, N, D)
+        _, levels = self.forward_decoder(latent, ids_restore)  # L x (B, N, D), top level first
+        # DEVIATION: the final norm has no weights: pre-training would leave them unused (DDP refuses
+        # that), and a linear head on pooled features absorbs them
+        return nn.functional.layer_norm(levels[0], levels[0].shape[-1:], eps=1e-6)  # (B, N, D)
+
+
+if __name__ == "__main__":  # `python revcolv2.py ARGS` is `python cli.py pretrain revcolv2 ARGS`
+    import sys
+
+    import cli
+
+    cli.app(["pretrain", "revcolv2", *sys.argv[1:]])
