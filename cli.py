@@ -19,9 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 
 import common
+import imae
 import mae
+import separability as separability_lib
 
-METHODS = {"mae": (mae, mae.MAE)}  # command-line name: (method file, model class)
+METHODS = {"mae": (mae, mae.MAE), "i-mae": (imae, imae.IMAE)}  # command-line name: (method file, model class)
 DEFAULT_PRESET = "cpu"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -122,6 +124,8 @@ def run_pretrain(method, preset, model, **options):
         val_set = common.load_dataset(tcfg.data, "val", tcfg.data_dir, tcfg.val_size, cfg.img_size, tcfg.download)
         common.torch.manual_seed(tcfg.seed)
         net = model_cls(cfg)
+        if hasattr(net, "prepare_pretrain"):  # e.g. i-MAE loads its frozen teacher; evaluation never calls it
+            net.prepare_pretrain(console.print if common.distributed()[0] == 0 else print_nothing, resume=tcfg.resume)
     except ValueError as e:
         fail(str(e))
     sample_inputs = getattr(module, "sample_inputs", None)
@@ -166,6 +170,70 @@ def add_pretrain_command(method):
 
 for _method in METHODS:
     add_pretrain_command(_method)
+
+
+def print_nothing(*args, **kwargs):
+    pass
+
+
+def load_model(path, random_init=False, seed=0):
+    """The model of a `pretrain` checkpoint (its method and config) in eval mode, with the checkpoint's weights
+    or, with random_init, freshly initialised ones; and the checkpoint."""
+    ckpt = common.load_checkpoint(path)
+    if ckpt.get("method") not in METHODS or "config" not in ckpt:
+        raise ValueError(f"{path} is not a `python cli.py pretrain` checkpoint of this project "
+                         f"(method {ckpt.get('method')!r}; known: {', '.join(METHODS)})")
+    module, model_cls = METHODS[ckpt["method"]]
+    common.torch.manual_seed(seed)
+    model = model_cls(module.Config(**ckpt["config"]))
+    if not random_init:
+        model.load_state_dict(ckpt["model"])  # strict; a method's helpers (e.g. i-MAE's teacher) are not in it
+    return model.eval(), ckpt
+
+
+@app.command()
+def separability(
+    run: str = typer.Argument(..., help="a `pretrain` run folder or checkpoint"),
+    random_init: bool = typer.Option(False, help="score the run's architecture with random weights (the floor)"),
+    images: int = typer.Option(1024, help="held-out images: half to fit the linear maps, half to test them"),
+    alphas: str = typer.Option(",".join(map(str, separability_lib.ALPHAS)), help="subordinate weights α, in (0, 0.5]"),
+    seed: int = typer.Option(0, help="seeds the pairs (and the random weights of --random-init)"),
+    batch_size: int = typer.Option(256, help="images per forward pass"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+):
+    """Linear separability of two images in the latent of their mixture (OUR metric; see separability.py)."""
+    import json
+
+    from rich.table import Table
+
+    try:
+        alpha_values = [float(a) for a in alphas.split(",")]
+        if not all(0 < a <= 0.5 for a in alpha_values) or images < 4:
+            raise ValueError(f"--alphas must be subordinate weights in (0, 0.5] and --images at least 4, got "
+                             f"{alphas!r} and {images}")
+        model, ckpt = load_model(run, random_init, seed)
+        cfg, train = ckpt["config"], ckpt["train"]
+        imgs = separability_lib.held_out_images(train["data"], train["data_dir"], cfg["img_size"], images)
+    except ValueError as e:
+        fail(str(e))
+    rows, score = separability_lib.measure(model.forward_features, imgs, alpha_values, seed, batch_size)
+    pixel_rows, pixel_score = separability_lib.measure(separability_lib.pixel_features(cfg["patch_size"]), imgs,
+                                                       alpha_values, seed, batch_size)
+    name = f"{ckpt['method']} {'random init' if random_init else 'trained'}"
+    if json_out:
+        console.print_json(json.dumps({"run": str(run), "method": ckpt["method"], "random_init": random_init,
+                                       "step": ckpt.get("step"), "data": train["data"], "images": len(imgs),
+                                       "separability": score, "rows": rows, "pixels": pixel_score,
+                                       "pixel_rows": pixel_rows}))
+        return
+    table = Table(title=f"linear separability (ours): {name}, {run}, {len(imgs)} held-out {train['data']} images")
+    for column in ("α (subordinate)", "R² sub", "R² dom", "pixels: R² sub", "pixels: R² dom"):
+        table.add_column(column, justify="right")
+    for r, p in zip(rows, pixel_rows):
+        table.add_row(f"{r['alpha']:.2f}", f"{r['sub']:.3f}", f"{r['dom']:.3f}", f"{p['sub']:.3f}", f"{p['dom']:.3f}")
+    console.print(table)
+    console.print(f"separability (mean R² of the subordinate image): {score:.3f} ({name}); "
+                  f"raw pixels {pixel_score:.3f}")
 
 
 if __name__ == "__main__":
