@@ -195,6 +195,8 @@ def load_model(path, random_init=False, seed=0):
 def separability(
     run: str = typer.Argument(..., help="a `pretrain` run folder or checkpoint"),
     random_init: bool = typer.Option(False, help="score the run's architecture with random weights (the floor)"),
+    reference: str = typer.Option("", help="read the clean images' latents from this run's encoder, not RUN's "
+                                           "(common ground for comparing encoders, e.g. i-MAE's MAE teacher)"),
     images: int = typer.Option(1024, help="held-out images: half to fit the linear maps, half to test them"),
     alphas: str = typer.Option(",".join(map(str, separability_lib.ALPHAS)), help="subordinate weights α, in (0, 0.5]"),
     seed: int = typer.Option(0, help="seeds the pairs (and the random weights of --random-init)"),
@@ -214,19 +216,26 @@ def separability(
         model, ckpt = load_model(run, random_init, seed)
         cfg, train = ckpt["config"], ckpt["train"]
         imgs = separability_lib.held_out_images(train["data"], train["data_dir"], cfg["img_size"], images)
+        ref = load_model(reference)[0] if reference else None
+        if ref and (ref.cfg.img_size, ref.cfg.patch_size) != (model.cfg.img_size, model.cfg.patch_size):
+            raise ValueError(f"--reference {reference} has another image or patch size than {run}: its tokens "
+                             f"do not line up with RUN's")
+        ref = ref and ref.forward_features
     except ValueError as e:
         fail(str(e))
-    rows, score = separability_lib.measure(model.forward_features, imgs, alpha_values, seed, batch_size)
-    pixel_rows, pixel_score = separability_lib.measure(separability_lib.pixel_features(cfg["patch_size"]), imgs,
-                                                       alpha_values, seed, batch_size)
+    rows, score = separability_lib.measure(model.forward_features, imgs, alpha_values, seed, batch_size, ref)
+    pixels = separability_lib.pixel_features(cfg["patch_size"])
+    pixel_rows, pixel_score = separability_lib.measure(pixels, imgs, alpha_values, seed, batch_size, ref or pixels)
     name = f"{ckpt['method']} {'random init' if random_init else 'trained'}"
     if json_out:
         console.print_json(json.dumps({"run": str(run), "method": ckpt["method"], "random_init": random_init,
+                                       "reference": reference or "itself",
                                        "step": ckpt.get("step"), "data": train["data"], "images": len(imgs),
                                        "separability": score, "rows": rows, "pixels": pixel_score,
                                        "pixel_rows": pixel_rows}))
         return
-    table = Table(title=f"linear separability (ours): {name}, {run}, {len(imgs)} held-out {train['data']} images")
+    table = Table(title=f"linear separability (ours): {name}, {run}, {len(imgs)} held-out {train['data']} images, "
+                        f"latents of the clean images from {reference or 'the same encoder'}")
     for column in ("α (subordinate)", "R² sub", "R² dom", "pixels: R² sub", "pixels: R² dom"):
         table.add_column(column, justify="right")
     for r, p in zip(rows, pixel_rows):

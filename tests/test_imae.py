@@ -221,9 +221,10 @@ def test_cli_pretrain_i_mae_with_and_without_teacher_and_separability(tmp_path):
     ckpt = common.load_checkpoint(distilled)
     assert ckpt["step"] == 2 and not any(k.startswith("teacher") for k in ckpt["model"])
     shutil.rmtree(teacher)  # the i-MAE checkpoint is self-contained: evaluating it needs no teacher
-    r = run_cli("separability", distilled, "--images", 64, "--alphas", "0.2,0.4", "--json")
+    r = run_cli("separability", distilled, "--images", 64, "--alphas", "0.2,0.4", "--json", "--reference", plain)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert out["reference"] == str(plain)
     assert [row["alpha"] for row in out["rows"]] == [0.2, 0.4] and out["method"] == "i-mae" and out["images"] == 64
     assert -1 < out["separability"] < 1 and -1 < out["pixels"] < 1
     assert out["separability"] == pytest.approx(sum(row["sub"] for row in out["rows"]) / 2)
