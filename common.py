@@ -539,6 +539,23 @@ def load_checkpoint(path):
     return ckpt
 
 
+def load_weights(model, state, source="the checkpoint"):
+    """model.load_state_dict(state, strict=True), but a mismatch (another architecture or size) is a
+    one-line ValueError naming the first differing tensor instead of torch's multi-line report."""
+    own = model.state_dict()
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if shapes:
+        k, theirs, ours = shapes[0]
+        raise ValueError(f"{source} does not fit this model: {k} is {theirs} there and {ours} here "
+                         f"({len(shapes)} tensor(s) differ): it was written for another size or method")
+    if missing or unexpected:
+        names = ", ".join((missing or unexpected)[:3])
+        raise ValueError(f"{source} does not fit this model: {len(missing)} tensor(s) missing, {len(unexpected)} "
+                         f"unexpected (e.g. {names}): it was written for another architecture or method")
+    model.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The training loop
 
@@ -673,7 +690,7 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
     step = 0
     if tcfg.resume:
         ckpt = load_checkpoint(ckpt_path)
-        raw.load_state_dict(ckpt["model"])
+        load_weights(raw, ckpt["model"], str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]

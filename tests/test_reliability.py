@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 import common
+import mae
 from conftest import ROOT, run_cli
 
 
@@ -87,3 +89,28 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
     assert proc.returncode == 130 and "stopped by a signal" in err and "--resume" in err
     ckpt = common.load_checkpoint(out)
     assert 0 < ckpt["step"] < 32 and ckpt["step"] == max(losses(out))
+
+
+def test_wrong_architecture_checkpoint_gives_one_line(tmp_path):
+    small = mae.MAE(mae.Config(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+                               decoder_depth=1, decoder_num_heads=4))
+    wider = mae.MAE(mae.Config(img_size=32, patch_size=4, embed_dim=128, depth=2, num_heads=4, decoder_embed_dim=32,
+                               decoder_depth=1, decoder_num_heads=4))
+    with pytest.raises(ValueError, match=r"cls_token is \(1, 1, 64\) there and \(1, 1, 128\) here") as e:
+        common.load_weights(wider, small.state_dict(), "x.pt")
+    assert "\n" not in str(e.value)
+    deeper = mae.MAE(mae.Config(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4, decoder_embed_dim=32,
+                                decoder_depth=1, decoder_num_heads=4))
+    with pytest.raises(ValueError, match="tensor\\(s\\) missing"):
+        common.load_weights(deeper, small.state_dict())
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """--compile (torch.compile, slow to compile on CPU) trains the same model as eager mode."""
+    args = ("pretrain", "mae", "--preset", "tiny", "--max-steps", 3)
+    assert run_cli(*args, "--out", tmp_path / "eager").returncode == 0
+    r = run_cli(*args, "--compile", "--out", tmp_path / "compiled")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert list(a) == list(b) and all(abs(a[s] - b[s]) < 1e-4 for s in a)
