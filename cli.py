@@ -187,7 +187,7 @@ def load_model(path, random_init=False, seed=0):
     common.torch.manual_seed(seed)
     model = model_cls(module.Config(**ckpt["config"]))
     if not random_init:
-        model.load_state_dict(ckpt["model"])  # strict; a method's helpers (e.g. i-MAE's teacher) are not in it
+        common.load_weights(model, ckpt["model"], str(path))  # strict; i-MAE's teacher, for one, is not in it
     return model.eval(), ckpt
 
 

@@ -190,16 +190,16 @@ def load_teacher(path, cfg):
         raise ValueError(f"{path} is not a full MAE checkpoint (encoder and decoder): train the teacher with "
                          f"`python cli.py pretrain mae`, or use an official *_full.pth")
     try:
-        theirs = ckpt["config"] if "config" in ckpt else official_arch(ckpt)
-        ours = vars(cfg)
-        diff = [f"{k} {theirs[k]} (this run {ours[k]})" for k in ARCH if theirs[k] not in (None, ours[k])]
-        if diff:
-            raise ValueError(f"teacher {path} does not match this run: {', '.join(diff)}; give this run the "
-                             f"teacher's --preset / --model / sizes, or train a teacher with this run's")
-        teacher = MAETeacher(cfg).requires_grad_(False).eval()  # frozen (official: eval(), requires_grad False)
-        teacher.load_state_dict({k: state[k] for k in teacher.state_dict()})
-    except (KeyError, RuntimeError) as e:
-        raise ValueError(f"{path} is not a usable MAE checkpoint ({str(e).splitlines()[0][:120]})") from None
+        arch = ckpt["config"] if "config" in ckpt else official_arch(ckpt)
+        theirs = {k: arch[k] for k in ARCH}
+    except KeyError as e:
+        raise ValueError(f"{path} is not a usable MAE checkpoint: it has no {e}") from None
+    diff = [f"{k} {theirs[k]} (this run {vars(cfg)[k]})" for k in ARCH if theirs[k] not in (None, vars(cfg)[k])]
+    if diff:
+        raise ValueError(f"teacher {path} does not match this run: {', '.join(diff)}; give this run the "
+                         f"teacher's --preset / --model / sizes, or train a teacher with this run's")
+    teacher = MAETeacher(cfg).requires_grad_(False).eval()  # frozen (official: eval(), requires_grad False)
+    common.load_weights(teacher, {k: v for k, v in state.items() if k in teacher.state_dict()}, f"teacher {path}")
     return teacher, state
 
 
@@ -248,7 +248,7 @@ class IMAE(nn.Module):
             student = {k: v for k, v in state.items() if not k.startswith("decoder_embed.")}
             for head in ("decoder_embed1", "decoder_embed2"):
                 student.update({f"{head}.{p}": state[f"decoder_embed.{p}"] for p in ("weight", "bias")})
-            self.load_state_dict(student)
+            common.load_weights(self, student, f"teacher {self.cfg.teacher}")
             log("i-mae: the student starts from the teacher's weights")
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
