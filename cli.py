@@ -24,15 +24,18 @@ from rich.markup import escape
 
 import common
 import evaluate
+import imae
 import mae
 import pr_mim
 import revcolv2
+import separability as separability_lib
 import simmim
 
 METHODS = {  # command-line name: (method file, model class)
     "mae": (mae, mae.MAE),
     "simmim": (simmim, simmim.SimMIM),
     "pr-mim": (pr_mim, pr_mim.PRMIM),
+    "i-mae": (imae, imae.IMAE),
     "revcolv2": (revcolv2, revcolv2.RevColV2),
 }
 DEFAULT_PRESET = "cpu"
@@ -140,6 +143,9 @@ def run_pretrain(method, preset, model, **options):
         val_set = common.load_dataset(tcfg.data, "val", tcfg.data_dir, tcfg.val_size, cfg.img_size, tcfg.download)
         common.torch.manual_seed(tcfg.seed)
         net = model_cls(cfg)
+        if hasattr(net, "prepare_pretrain"):  # e.g. i-MAE loads its frozen teacher; evaluation never calls it
+            say = console.print if common.distributed()[0] == 0 else (lambda *a, **k: None)
+            net.prepare_pretrain(say, resume=tcfg.resume)
     except ValueError as e:
         fail(str(e))
     sample_inputs = getattr(module, "sample_inputs", None)
@@ -325,6 +331,61 @@ def results(paths: list[str] = typer.Argument(None, help="folders searched for r
             console.print(text, highlight=False, soft_wrap=True, markup=False)
     except ValueError as e:
         fail(str(e))
+
+
+@app.command()
+def separability(
+    run: str = typer.Argument(..., help="a `pretrain` run folder or checkpoint"),
+    random_init: bool = typer.Option(False, help="score the run's architecture with random weights (the floor)"),
+    reference: str = typer.Option("", help="read the clean images' latents from this run's encoder, not RUN's "
+                                           "(common ground for comparing encoders, e.g. i-MAE's MAE teacher)"),
+    images: int = typer.Option(1024, help="held-out images: half to fit the linear maps, half to test them"),
+    alphas: str = typer.Option(",".join(map(str, separability_lib.ALPHAS)), help="subordinate weights α, in (0, 0.5]"),
+    seed: int = typer.Option(0, help="seeds the pairs (and the random weights of --random-init)"),
+    batch_size: int = typer.Option(256, help="images per forward pass"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+):
+    """Linear separability of two images in the latent of their mixture (OUR metric; see separability.py)."""
+    import json
+
+    from rich.table import Table
+
+    try:
+        alpha_values = [float(a) for a in alphas.split(",")]
+        if not all(0 < a <= 0.5 for a in alpha_values) or images < 4:
+            raise ValueError(f"--alphas must be subordinate weights in (0, 0.5] and --images at least 4, got "
+                             f"{alphas!r} and {images}")
+        model, info = evaluate.load_model(run, METHODS, OFFICIAL_CHECKPOINT_METHOD, random_init, seed)
+        model.eval()
+        cfg, train = info["config"], {"data": "shapes", "data_dir": "", **info["train"]}
+        imgs = separability_lib.held_out_images(train["data"], train["data_dir"], cfg.img_size, images)
+        ref = evaluate.load_model(reference, METHODS, OFFICIAL_CHECKPOINT_METHOD)[0].eval() if reference else None
+        if ref and (ref.cfg.img_size, ref.cfg.patch_size) != (model.cfg.img_size, model.cfg.patch_size):
+            raise ValueError(f"--reference {reference} has another image or patch size than {run}: its tokens "
+                             f"do not line up with RUN's")
+        ref = ref and ref.forward_features
+    except ValueError as e:
+        fail(str(e))
+    rows, score = separability_lib.measure(model.forward_features, imgs, alpha_values, seed, batch_size, ref)
+    pixels = separability_lib.pixel_features(cfg.patch_size)
+    pixel_rows, pixel_score = separability_lib.measure(pixels, imgs, alpha_values, seed, batch_size, ref or pixels)
+    name = f"{info['method']} {'random init' if random_init else 'trained'}"
+    if json_out:
+        console.print_json(json.dumps({"run": str(run), "method": info["method"], "random_init": random_init,
+                                       "reference": reference or "itself",
+                                       "step": info["ckpt"].get("step"), "data": train["data"], "images": len(imgs),
+                                       "separability": score, "rows": rows, "pixels": pixel_score,
+                                       "pixel_rows": pixel_rows}))
+        return
+    table = Table(title=f"linear separability (ours): {name}, {run}, {len(imgs)} held-out {train['data']} images, "
+                        f"latents of the clean images from {reference or 'the same encoder'}")
+    for column in ("α (subordinate)", "R² sub", "R² dom", "pixels: R² sub", "pixels: R² dom"):
+        table.add_column(column, justify="right")
+    for r, p in zip(rows, pixel_rows):
+        table.add_row(f"{r['alpha']:.2f}", f"{r['sub']:.3f}", f"{r['dom']:.3f}", f"{p['sub']:.3f}", f"{p['dom']:.3f}")
+    console.print(table)
+    console.print(f"separability (mean R² of the subordinate image): {score:.3f} ({name}); "
+                  f"raw pixels {pixel_score:.3f}")
 
 
 if __name__ == "__main__":

@@ -468,6 +468,20 @@ def distributed():
     return int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0))
 
 
+def gather_batch(*tensors):
+    """Each (B, ...) tensor from every process, concatenated in rank order (B x processes, ...), then the index
+    where this process's rows start: for a method whose samples interact across the whole batch, so N
+    processes compute what one would. In one process: the tensors as they are, and 0. No gradient flows back."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return (*tensors, 0)
+    gathered = []
+    for x in tensors:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        gathered.append(torch.cat(parts))
+    return (*gathered, dist.get_rank() * len(tensors[0]))
+
+
 def pick_device(name="auto", local_rank=0):
     if name == "auto":
         name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
