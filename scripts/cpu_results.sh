@@ -18,7 +18,9 @@ for data in ${DATASETS:-shapes fashion-mnist}; do  # DATASETS="shapes" bash ... 
   for seed in 0 1 2; do
     run=$out/$method-$data-s$seed
     if [ -f "$run/checkpoint.pt" ]; then again=--resume; else again=--overwrite; fi
-    nice -n 10 python cli.py pretrain "$method" --data "$data" --seed "$seed" "${budget[@]}" --out "$run" $again
+    extra=()  # i-MAE distils from the MAE run of the same data and seed (run `bash scripts/cpu_results.sh mae` first)
+    if [ "$method" = i-mae ]; then extra=(--teacher "$out/mae-$data-s$seed"); fi
+    nice -n 10 python cli.py pretrain "$method" --data "$data" --seed "$seed" "${budget[@]}" "${extra[@]}" --out "$run" $again
     for init in --no-random-init --random-init; do
       nice -n 10 python cli.py knn "$run" --seed "$seed" "$init"
       nice -n 10 python cli.py linprobe "$run" --seed "$seed" "$init"
