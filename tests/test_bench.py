@@ -113,3 +113,20 @@ def test_cli_bench_table_skips_impossible_variants_and_refuses_bad_options():
     assert bad.returncode == 2 and "unknown --compare 'beit'" in bad.stderr
     with pytest.raises(ValueError, match="--steps"):
         bench.run([], steps=0)
+
+
+def test_flops_of_a_reversible_backward_count_its_recomputed_forward():
+    import revcolv2  # its backward recomputes the forward with torch.autograd.grad inside a custom Function
+
+    torch.manual_seed(0)
+    cfg = dict(img_size=16, patch_size=4, embed_dim=32, num_heads=2)
+    imgs = torch.randn(2, 3, 16, 16)
+    noise = torch.rand(2, 16)
+    counts = {}
+    for reversible in (True, False):
+        model = revcolv2.RevColV2(revcolv2.Config(**cfg, reversible=reversible))
+        counts[reversible] = bench.count_flops(model, imgs, {"noise": noise})
+    (fwd_rev, total_rev), (fwd_plain, total_plain) = counts[True], counts[False]
+    assert fwd_rev == fwd_plain > 0
+    stem_and_head = 2 * (2 * 2 * 16 * (4 * 4 * 3) * 32)  # patch embedding and pixel head: B N (P P C) D MACs each
+    assert total_rev == total_plain + fwd_plain - stem_and_head  # plus one recomputed forward of every column
