@@ -7,6 +7,8 @@
     python cli.py visualize runs/NAME               # a PNG of masked inputs and reconstructions
     python cli.py results runs/ --readme README.md  # rebuild the README's results table from result folders
     python cli.py bench pr-mim --compare mae        # parameters, FLOPs, memory and time of a step, as ratios
+    python cli.py bench mae --data imagenet         # images/s of the pre-training data loader alone
+    python cli.py export runs/NAME                  # the encoder as a state dict that timm's VisionTransformer loads
 
 Options are built from the dataclasses (a method's Config and common.TrainConfig), so every default
 is written once, in the dataclass; the comment beside each field is its --help text.

@@ -94,3 +94,28 @@ def test_export_checks_the_features_not_only_the_names():
     model.forward_features = lambda imgs: mae.MAE.forward_features(model, imgs) * 2  # e.g. a scaled output
     with pytest.raises(ValueError, match="not those of a plain ViT"):
         evaluate.export_timm(model, info, "x.pt")
+
+
+@pytest.mark.parametrize("method", list(cli.METHODS))
+def test_every_method_exports_to_timm_or_is_refused(method):
+    """In one process, on a fresh tiny model of each method: a plain-ViT encoder loads into timm and gives
+    the same features; any other is refused with the one-line error."""
+    import functools
+
+    module, model_cls = cli.METHODS[method]
+    cfg, _ = cli.resolve(module, "tiny", None, {})
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    info = {"method": method, "needed": evaluate.feature_param_names(model)[0]}
+    if not any(k.startswith("blocks.0.attn.") for k in model.state_dict()):
+        with pytest.raises(ValueError, match="not a ViT with timm's VisionTransformer names") as e:
+            evaluate.export_timm(model, info, "x.pt")
+        assert "\n" not in str(e.value)
+        return
+    state, kwargs = evaluate.export_timm(model, info, "x.pt")
+    vit = timm.models.vision_transformer.VisionTransformer(
+        **kwargs, qkv_bias=True, num_classes=0, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    vit.load_state_dict(state, strict=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(vit.forward_features(imgs)[:, 1:], model.forward_features(imgs), atol=1e-5)
