@@ -437,27 +437,32 @@ class Classifier(nn.Module):
         return self.head(self.fc_norm(pooled_features(self.encoder, imgs)))  # (B, classes)
 
 
-def layer_id(name, depth):
+def layer_id(name, encoder_blocks, depth):
     """Layer of a parameter for lr decay (official util/lr_decay.py): 0 for the embeddings (patch_embed,
-    cls_token, pos_embed), i + 1 for blocks.i, depth + 1 for everything after the blocks."""
+    cls_token, pos_embed), i + 1 for blocks.i, then decoder_blocks.i where the features use them (a
+    RevColV2 top-down column: they come after the encoder's), depth + 1 for everything after the blocks."""
     name = name.removeprefix("encoder.")
     if name.startswith("patch_embed") or name in ("cls_token", "pos_embed"):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
+    if name.startswith("decoder_blocks."):
+        return encoder_blocks + int(name.split(".")[1]) + 1
     return depth + 1
 
 
 def layer_decay_groups(model, weight_decay, layer_decay):
-    """AdamW groups with an "lr_scale" each: block i (0-based) of a depth-L encoder learns at
+    """AdamW groups with an "lr_scale" each: block i (0-based) of a depth-L stack learns at
     lr * layer_decay ** (L - i), the embeddings at lr * layer_decay ** (L + 1), the final norm and the
-    head at lr. No weight decay on biases, norms, tokens and position embeddings (as common.param_groups)."""
+    head at lr. The stack is blocks.*, then any trainable decoder_blocks.* (only a model whose features run
+    them has them trainable here). No weight decay on biases, norms, tokens and position embeddings."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    blocks = [n.removeprefix("encoder.") for n, _ in named]
-    depth = len({n.split(".")[1] for n in blocks if n.startswith("blocks.")})
+    names = [n.removeprefix("encoder.") for n, _ in named]
+    encoder_blocks = len({n.split(".")[1] for n in names if n.startswith("blocks.")})
+    depth = encoder_blocks + len({n.split(".")[1] for n in names if n.startswith("decoder_blocks.")})
     groups = {}
     for name, p in named:
-        lid = layer_id(name, depth)
+        lid = layer_id(name, encoder_blocks, depth)
         skip = p.ndim <= 1 or "token" in name or "pos_embed" in name
         group = groups.setdefault((lid, skip), {"params": [], "names": [], "lr_scale": layer_decay ** (depth + 1 - lid),
                                                 "weight_decay": 0.0 if skip else weight_decay})
@@ -905,7 +910,8 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
 
 
 def run_visualize(model, info, ecfg, vcfg, sample_inputs, console):
-    """Write the reconstruction picture; returns its path and (width, height)."""
+    """A PNG grid per image: original, masked input, reconstruction, reconstruction with the visible patches.
+    Returns the picture's path and (width, height)."""
     data, dataset = eval_datasets(ecfg, info, (vcfg.split,))
     name = f"reconstructions{'-random-init' if ecfg.random_init else ''}-{data}-{vcfg.split}-s{ecfg.seed}.png"
     path = Path(ecfg.out or info["run_dir"] / name)

@@ -123,3 +123,20 @@ def test_cli_bench_data_measures_the_loader_alone():
     assert row["data"] == "shapes" and row["batch_size"] == 32 and row["num_workers"] == 1  # the preset's batch
     assert row["batches"] == 3 and row["warmup_batches"] == 2  # 2 per worker are not timed
     assert row["images_per_s"] > 0 and abs(row["images_per_s"] * row["seconds"] - 3 * 32) < 1e-6
+
+
+def test_flops_of_a_reversible_backward_count_its_recomputed_forward():
+    import revcolv2  # its backward recomputes the forward with torch.autograd.grad inside a custom Function
+
+    torch.manual_seed(0)
+    cfg = dict(img_size=16, patch_size=4, embed_dim=32, num_heads=2)
+    imgs = torch.randn(2, 3, 16, 16)
+    noise = torch.rand(2, 16)
+    counts = {}
+    for reversible in (True, False):
+        model = revcolv2.RevColV2(revcolv2.Config(**cfg, reversible=reversible))
+        counts[reversible] = bench.count_flops(model, imgs, {"noise": noise})
+    (fwd_rev, total_rev), (fwd_plain, total_plain) = counts[True], counts[False]
+    assert fwd_rev == fwd_plain > 0
+    stem_and_head = 2 * (2 * 2 * 16 * (4 * 4 * 3) * 32)  # patch embedding and pixel head: B N (P P C) D MACs each
+    assert total_rev == total_plain + fwd_plain - stem_and_head  # plus one recomputed forward of every column

@@ -127,6 +127,9 @@ def test_boolean_inputs_are_drawn_as_an_overlay():
 def test_layer_decay_assigns_the_documented_lr_to_each_block():
     depth, decay = 3, 0.5
     model = mae.MAE(mae.Config(**{**TINY, "depth": depth}))
+    needed, _ = evaluate.feature_param_names(model)
+    for name, p in model.named_parameters():  # as run_finetune: the decoder is not fine-tuned
+        p.requires_grad_(name in needed)
     clf = evaluate.Classifier(model, model.cfg.embed_dim, 8)
     groups = evaluate.layer_decay_groups(clf, 0.05, decay)
     scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
@@ -139,6 +142,26 @@ def test_layer_decay_assigns_the_documented_lr_to_each_block():
         assert scale[name] == 1.0
     decayed = {name for g in groups if g["weight_decay"] for name in g["names"]}
     assert "head.weight" in decayed and "head.bias" not in decayed and "encoder.cls_token" not in decayed
+
+
+def test_layer_decay_continues_through_the_columns_a_model_uses_for_its_features():
+    import revcolv2  # its features run the top-down columns (decoder_blocks) after the bottom-up ones (blocks)
+
+    decay = 0.5
+    model = revcolv2.RevColV2(revcolv2.Config(img_size=32, patch_size=8, embed_dim=32, num_heads=2))
+    needed, dim = evaluate.feature_param_names(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in needed)
+    groups = evaluate.layer_decay_groups(evaluate.Classifier(model, dim, 8), 0.05, decay)
+    scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
+    depth = model.cfg.encoder_columns + model.cfg.decoder_columns  # 2 + 2 columns, one layer each
+    assert scale["encoder.patch_embed.proj.weight"] == decay ** (depth + 1)
+    for j in range(model.cfg.encoder_columns):
+        assert all(v == decay ** (depth - j) for k, v in scale.items() if k.startswith(f"encoder.blocks.{j}."))
+    for j in range(model.cfg.decoder_columns):
+        col = model.cfg.encoder_columns + j
+        assert all(v == decay ** (depth - col) for k, v in scale.items() if k.startswith(f"encoder.decoder_blocks.{j}."))
+    assert scale["head.weight"] == 1.0
 
 
 def test_knn_recovers_labels_of_separable_features():
