@@ -18,6 +18,11 @@ For each row (a model class, its Config, and the method's optional `sample_input
   is not in the step time).
 Every figure of a row is also given as a ratio to the first row, measured in the same run. Nothing
 here knows which method it measures.
+
+With `--data`, `loader_throughput` measures instead the images per second of the training data loader
+alone (the data set, the pre-training augmentation and the method's sample_inputs in the workers, the
+loader common.train builds): a step that takes longer per image than the loader needs keeps the
+device fed; one that takes less waits for data.
 """
 import contextlib
 import gc
@@ -29,6 +34,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import common
 
 aten = torch.ops.aten
 
@@ -213,4 +220,51 @@ def table(results, title=""):
             text = "-" if value is None else fmt.format(value)
             cells.append(text if i == 0 or ratio is None else f"{text} ({ratio:.2f}x)")
         out.add_row(row["name"], *cells)
+    return out
+
+
+def loader_throughput(dataset, batch_size, batches, warmup, num_workers, device, seed=0):
+    """Images per second of the training loader over `dataset` (a common.SeededDataset) alone, as
+    common.train builds it (shuffled, pinned memory on a GPU, persistent workers), timed over `batches`
+    batches after `warmup` untimed ones (worker start-up, the first prefetched batches); epochs follow
+    one another as in training when the data set is shorter."""
+    if batch_size < 1 or batches < 1 or warmup < 0 or num_workers < 0:
+        raise ValueError(f"--batch-size and --batches must be at least 1, --warmup and --num-workers not negative, "
+                         f"got {batch_size}, {batches}, {warmup}, {num_workers}")
+    sampler = common.EpochSampler(len(dataset), shuffle=True, seed=seed)
+    loader = common.make_loader(dataset, batch_size, sampler, num_workers, True, torch.device(device))
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} images are fewer than one batch of {batch_size}: lower --batch-size")
+
+    def forever():
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    stream = forever()
+    for _ in range(warmup):
+        next(stream)
+    tick, images = time.perf_counter(), 0
+    for _ in range(batches):
+        images += len(next(stream)[0])
+    seconds = time.perf_counter() - tick
+    stream.close()  # ends the epoch's iterator, so the workers shut down
+    return {"images_per_s": images / seconds, "ms_per_batch": seconds / batches * 1e3, "batches": batches,
+            "warmup_batches": warmup, "batch_size": batch_size, "num_workers": num_workers, "images": len(dataset),
+            "seconds": seconds}
+
+
+def loader_table(result, title=""):
+    """A one-row rich Table of loader_throughput's result."""
+    from rich.table import Table
+
+    out = Table(title=title, title_justify="left")
+    cells = {"data": result["data"], "px": str(result["img_size"]), "batch": str(result["batch_size"]),
+             "workers": str(result["num_workers"]), "timed batches": str(result["batches"]),
+             "ms/batch": f"{result['ms_per_batch']:.1f}", "img/s": f"{result['images_per_s']:.0f}"}
+    for name in cells:
+        out.add_column(name, justify="left" if name == "data" else "right")
+    out.add_row(*cells.values())
     return out

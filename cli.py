@@ -7,6 +7,8 @@
     python cli.py visualize runs/NAME               # a PNG of masked inputs and reconstructions
     python cli.py results runs/ --readme README.md  # rebuild the README's results table from result folders
     python cli.py bench pr-mim --compare mae        # parameters, FLOPs, memory and time of a step, as ratios
+    python cli.py bench mae --data imagenet         # images/s of the pre-training data loader alone
+    python cli.py export runs/NAME                  # the encoder as a state dict that timm's VisionTransformer loads
 
 Options are built from the dataclasses (a method's Config and common.TrainConfig), so every default
 is written once, in the dataclass; the comment beside each field is its --help text.
@@ -88,6 +90,9 @@ def build(cls, values):
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
+POSITIVE_SIZES = {"img_size", "patch_size", "embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads"}
+
+
 def resolve(module, preset, model, given):
     """Config and TrainConfig from: the dataclass defaults < the preset < the model size < the options."""
     if preset not in common.PRESETS:
@@ -100,6 +105,12 @@ def resolve(module, preset, model, given):
     if values.setdefault("in_chans", channels) != channels:
         raise ValueError(f"--in-chans {values['in_chans']} does not match {tcfg.data}, which has {channels} "
                          f"channel(s): drop --in-chans, it is set from the data")
+    for name in (f.name for f in dataclasses.fields(module.Config) if f.name in values):
+        value, flag = values[name], "--" + name.replace("_", "-")
+        if type(value) in (int, float) and value < 0:  # sizes, ratios, rates: none means anything below zero
+            raise ValueError(f"{flag} must not be negative, got {value}")
+        if name in POSITIVE_SIZES and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     return build(module.Config, values), tcfg
 
 
@@ -115,6 +126,8 @@ def prepare_out(method, tcfg, given):
             raise ValueError("--resume needs --out, the folder of the run to continue")
         tcfg.out = f"runs/{method}-{tcfg.data}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(tcfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run folder: pass a folder")
     if tcfg.resume:
         ckpt = common.load_checkpoint(out / "checkpoint.pt")
         if ckpt.get("method") != method:
@@ -188,13 +201,20 @@ def add_pretrain_command(method):
     pretrain_app.command(method)(command)
 
 
-def run_bench(method, preset, model, batch_size, steps, warmup, rounds, compare, variants, json_out, device, **options):
-    """Rows: the --compare base, the method's defaults, then its BENCH_VARIANTS; all from the same options."""
+def run_bench(method, preset, model, batch_size, steps, warmup, rounds, compare, variants, json_out, device,
+              data, data_dir, num_workers, batches, **options):
+    """Rows: the --compare base, the method's defaults, then its BENCH_VARIANTS; all from the same options.
+    With --data: the images per second of the method's training data loader instead."""
     import json
 
     import bench
 
     given = {k: v for k, v in options.items() if v is not None}
+    if data is not None:
+        run_bench_loader(method, preset, model, batch_size, warmup, json_out, device, data, data_dir, num_workers,
+                         batches, given)
+        return
+    batch_size = 8 if batch_size is None else batch_size
     log = Console(stderr=True).print if json_out else console.print
     try:
         if compare is not None and compare not in METHODS:
@@ -227,6 +247,35 @@ def run_bench(method, preset, model, batch_size, steps, warmup, rounds, compare,
                                        f"ratios to the first row, measured in this run"))
 
 
+def run_bench_loader(method, preset, model, batch_size, warmup, json_out, device, data, data_dir, num_workers,
+                     batches, given):
+    """`bench METHOD --data NAME`: images per second of the loader pre-training would use, alone."""
+    import json
+
+    import bench
+
+    module, _ = METHODS[method]
+    try:
+        extra = {"data": data, "data_dir": data_dir, **({"num_workers": num_workers} if num_workers is not None else {})}
+        cfg, tcfg = resolve(module, preset or DEFAULT_PRESET, model, {**given, **extra})
+        batch_size = tcfg.batch_size if batch_size is None else batch_size
+        train_set = common.load_dataset(tcfg.data, "train", tcfg.data_dir, tcfg.train_size, cfg.img_size)
+        sample_inputs = getattr(module, "sample_inputs", None)
+        dataset = common.SeededDataset(train_set, common.transform(tcfg.data, cfg.img_size, True),
+                                       sample_inputs and _Bound(sample_inputs, cfg), tcfg.seed)
+        result = bench.loader_throughput(dataset, batch_size, batches, max(warmup, 2 * tcfg.num_workers),
+                                         tcfg.num_workers, common.pick_device(device), tcfg.seed)
+    except ValueError as e:
+        fail(str(e))
+    result = {"method": method, "data": tcfg.data, "img_size": cfg.img_size, **result}
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console.print(bench.loader_table(result, f"{method}'s pre-training data loader alone: {result['images']} images, "
+                                             f"augmentation + sample_inputs in the workers, "
+                                             f"{result['warmup_batches']} batches untimed first"))
+
+
 def add_bench_command(method):
     module, _ = METHODS[method]
 
@@ -240,15 +289,22 @@ def add_bench_command(method):
     presets = f"scale preset: {', '.join(common.PRESETS)} [default: {DEFAULT_PRESET}]"
     head = [option("preset", typing.Optional[str], None, presets),
             option("model", typing.Optional[str], None, f"ViT size: {', '.join(common.VIT_SIZES)}"),
-            option("batch_size", int, 8, "images per step for memory and time"),
+            option("batch_size", typing.Optional[int], None, "images per step for memory and time [default: 8; "
+                   "with --data: the preset's batch size]"),
             option("steps", int, 3, "timed steps per row and round; the median over all rounds is shown"),
-            option("warmup", int, 1, "untimed steps before them"),
+            option("warmup", int, 1, "untimed steps before them (with --data: untimed batches, at least 2 per worker)"),
             option("rounds", int, 3, "rounds over all rows, so load changes on the machine hit every row alike"),
             option("compare", typing.Optional[str], None, f"a base method measured first, every figure a ratio to it: "
                                                         f"{', '.join(METHODS)}"),
             option("variants", bool, True, "also the rows of the method's BENCH_VARIANTS", "--variants/--no-variants"),
             option("json_out", bool, False, "print JSON instead of a table", "--json"),
-            option("device", str, "auto", "auto (GPU if there is one) | cpu | cuda | cuda:N")]
+            option("device", str, "auto", "auto (GPU if there is one) | cpu | cuda | cuda:N"),
+            option("data", typing.Optional[str], None, f"measure the images/s of the pre-training data loader alone "
+                                                      f"on this data set instead: {', '.join(common.DATASETS)}"),
+            option("data_dir", str, "data", "with --data: where data sets live"),
+            option("num_workers", typing.Optional[int], None, "with --data: data-loading processes [default: the "
+                                                              "preset's]"),
+            option("batches", int, 50, "with --data: timed batches")]
     command.__signature__ = inspect.Signature(head + dataclass_options(module.Config))
     command.__doc__ = module.__doc__.strip().splitlines()[0]
     bench_app.command(method)(command)
@@ -334,6 +390,32 @@ def results(paths: list[str] = typer.Argument(None, help="folders searched for r
 
 
 @app.command()
+def export(source: str = typer.Argument(..., metavar="RUN_OR_CKPT", help="a run folder, or a checkpoint file of ours "
+                                        "or of the official MAE code"),
+           out: str = typer.Option("", help="the file to write (default: <run folder>/encoder_timm.pth)"),
+           overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+           method: str = typer.Option("", help="method of a checkpoint that does not name one (official MAE "
+                                               "checkpoints; default mae)")):
+    """Write the encoder as a plain state dict in timm VisionTransformer names; print the timm call that loads it."""
+    try:
+        model, info = evaluate.load_model(source, METHODS, method or OFFICIAL_CHECKPOINT_METHOD)
+        path = Path(out) if out else info["run_dir"] / "encoder_timm.pth"
+        if path.is_dir() or (path.exists() and not overwrite):
+            raise ValueError(f"{path} already exists{' and is a folder' if path.is_dir() else ''}: "
+                             f"pass --overwrite to replace it, or another --out")
+        state, kwargs = evaluate.export_timm(model, info, source)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        common.save_checkpoint(state, path)  # atomic: a temporary file, then a rename
+    except ValueError as e:
+        fail(str(e))
+    console.print(f"wrote {path}: {len(state)} tensors, {sum(v.numel() for v in state.values()) / 1e6:.2f}M values, "
+                  f"the {info['method']} encoder without its decoder. Load it with", highlight=False)
+    console.print(f"import functools, timm, torch\nvit = {evaluate.timm_constructor(kwargs)}\n"
+                  f"vit.load_state_dict(torch.load({str(path)!r}, weights_only=True), strict=True)",
+                  highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
 def separability(
     run: str = typer.Argument(..., help="a `pretrain` run folder or checkpoint"),
     random_init: bool = typer.Option(False, help="score the run's architecture with random weights (the floor)"),
@@ -351,10 +433,13 @@ def separability(
     from rich.table import Table
 
     try:
-        alpha_values = [float(a) for a in alphas.split(",")]
-        if not all(0 < a <= 0.5 for a in alpha_values) or images < 4:
-            raise ValueError(f"--alphas must be subordinate weights in (0, 0.5] and --images at least 4, got "
-                             f"{alphas!r} and {images}")
+        try:
+            alpha_values = [float(a) for a in alphas.split(",")]
+        except ValueError:
+            raise ValueError(f"--alphas must be numbers separated by commas, got {alphas!r}") from None
+        if not all(0 < a <= 0.5 for a in alpha_values) or images < 4 or batch_size < 1:
+            raise ValueError(f"--alphas must be subordinate weights in (0, 0.5], --images at least 4 and --batch-size "
+                             f"at least 1, got {alphas!r}, {images} and {batch_size}")
         model, info = evaluate.load_model(run, METHODS, OFFICIAL_CHECKPOINT_METHOD, random_init, seed)
         model.eval()
         cfg, train = info["config"], {"data": "shapes", "data_dir": "", **info["train"]}
@@ -388,5 +473,28 @@ def separability(
                   f"raw pixels {pixel_score:.3f}")
 
 
+def main(args=None):
+    """app(args), with click's usage errors (unknown command or option, a value of the wrong type) printed
+    as one line like every other error, instead of typer's framed box."""
+    try:
+        from typer._click import exceptions as click  # typer >= 0.20 carries its own click
+    except ImportError:
+        from click import exceptions as click
+
+    try:
+        code = app(args, standalone_mode=False)
+    except getattr(click, "NoArgsIsHelpError", ()) as e:  # `python cli.py` alone: the help, as before
+        e.show()
+        code = e.exit_code
+    except click.ClickException as e:
+        where = f" (see `python {e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}{escape(where)}", highlight=False,
+                          soft_wrap=True)
+        code = e.exit_code
+    except typer.Abort:
+        code = 130
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

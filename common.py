@@ -40,6 +40,9 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim):
         super().__init__()
+        if min(img_size, patch_size, in_chans, embed_dim) < 1:
+            raise ValueError(f"--img-size, --patch-size, --in-chans and --embed-dim must be at least 1, got "
+                             f"{img_size}, {patch_size}, {in_chans} and {embed_dim}")
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}: "
                              f"choose --img-size as a multiple of --patch-size")
@@ -61,6 +64,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"the number of heads must be at least 1, got {num_heads}")
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads: change --num-heads")
         self.num_heads = num_heads
@@ -332,6 +337,8 @@ def _tiny_imagenet(split, root):
     root = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
     hint = (f"expected the Tiny-ImageNet layout under {root}/ (wnids.txt, train/<wnid>/images/*.JPEG, "
             f"val/images/ and val/val_annotations.txt): unzip tiny-imagenet-200.zip there or pass --data-dir")
+    if not root.is_dir():
+        raise ValueError(f"the data folder {root} does not exist: {hint}")
     if not (root / "wnids.txt").is_file():
         raise ValueError(f"no wnids.txt: {hint}")
     wnids = (root / "wnids.txt").read_text().split()
@@ -355,6 +362,8 @@ def _tiny_imagenet(split, root):
 def _image_folder(split, root):
     folder = root / split
     hint = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> (the ImageNet layout)"
+    if not root.is_dir():
+        raise ValueError(f"the data folder {root} does not exist: {hint}; pass --data-dir")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
     samples = [(p, k) for k, c in enumerate(classes) for p in _images_in(folder / c)]
     if not samples:
@@ -482,11 +491,25 @@ def gather_batch(*tensors):
     return (*gathered, dist.get_rank() * len(tensors[0]))
 
 
+def check_device(name):
+    """A ValueError unless `name` is auto or a device torch can use here (cpu, cuda, cuda:N, ...)."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {name!r}: choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu or auto")
+
+
 def pick_device(name="auto", local_rank=0):
+    check_device(name)
     if name == "auto":
         name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
+        device = torch.device("cuda", local_rank) if device.index is None else device  # `cuda`: this process's GPU
         torch.cuda.set_device(device)
     return device
 
@@ -531,7 +554,12 @@ def load_checkpoint(path):
         if refused:
             raise ValueError(f"{path} holds pickled objects that safe loading refuses ({refused[1]}): it is "
                              f"not a checkpoint of this project or an official facebookresearch one") from None
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive (old torch: a pickle)
+            raise ValueError(f"{path} is not a checkpoint (not a file torch.save wrote): pass a run folder "
+                             f"(runs/NAME) or a .pt/.pth checkpoint") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
         raise ValueError(f"{path} is not a readable checkpoint, truncated or corrupt ({reason}): restore "
                          f"it or re-run the training that wrote it") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
@@ -610,6 +638,7 @@ class TrainConfig:
             raise ValueError(f"--amp must be bf16, fp16 or fp32, got {self.amp!r}")
         if self.data not in DATASETS:
             raise ValueError(f"unknown data set {self.data!r}: choose one of {', '.join(DATASETS)}")
+        check_device(self.device)
 
 
 def param_groups(model, weight_decay):

@@ -1,4 +1,5 @@
-"""Evaluation plumbing shared by every method: fine-tuning, linear probing, kNN, reconstructions.
+"""Evaluation plumbing shared by every method: fine-tuning, linear probing, kNN, reconstructions, and
+the export of a ViT encoder to a state dict that timm's VisionTransformer loads.
 
 Nothing here names a method. A model is rebuilt from a checkpoint with the method file's `Config` and
 model class (cli.py passes them in from its METHODS dict), and everything below touches it through two
@@ -39,6 +40,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,11 @@ class EvalConfig:
     num_workers: int = 2  # data-loading processes
     device: str = "auto"  # auto (GPU if there is one) | cpu | cuda | cuda:N
     out: str = ""  # result folder (default: <run folder>/eval/<command>[-random-init]-<data>-s<seed>)
+
+    def __post_init__(self):  # checked before any result folder is written
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must not be negative, got {self.num_workers}")
+        common.check_device(self.device)
 
 
 @dataclass
@@ -243,6 +250,78 @@ def load_model(source, methods, method="", random_init=False, seed=0, overrides=
             "train": ckpt.get("train") or {}, "ckpt": ckpt, "needed": needed, "dim": dim,
             "encoder_params": sum(p.numel() for n, p in model.named_parameters() if n in needed)}
     return model, info
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export: the encoder as a plain state dict that timm's VisionTransformer loads with strict=True
+
+
+class TimmViT(nn.Module):
+    """The encoder of timm's VisionTransformer (default options: a class token, a learned position
+    embedding over 1 + N tokens added after the class token is prepended, pre-norm blocks, the final
+    norm), built from common's pieces under timm's state-dict names. `export` loads the exported
+    tensors into it and checks that it computes the model's forward_features."""
+
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio):
+        super().__init__()
+        self.patch_embed = common.PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
+        self.blocks = nn.ModuleList([common.Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def forward(self, imgs):
+        x = self.patch_embed(imgs)  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed  # (B, 1 + N, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 1:]  # (B, N, D): patch tokens after the final norm, as forward_features
+
+
+TIMM_VIT_NAME = r"cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|" \
+                r"blocks\.\d+\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
+
+
+def export_timm(model, info, source):
+    """(state, kwargs): the encoder's tensors under timm's VisionTransformer names (no decoder, no other
+    tensor) and the constructor arguments of timm.models.vision_transformer.VisionTransformer that load
+    them (with num_classes=0, qkv_bias=True and norm_layer=partial(nn.LayerNorm, eps=1e-6)). A model
+    whose features are not those of such a ViT is refused with a ValueError."""
+    own = model.state_dict()
+    state = {k: v.detach().clone() for k, v in own.items() if re.fullmatch(TIMM_VIT_NAME, k)}
+    lacking = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+                           "norm.weight") if k not in state]
+    num_heads = getattr(model.cfg, "num_heads", None)
+    if lacking or num_heads is None:
+        uses = sorted(n for n in info["needed"] if n not in state and n in own)
+        raise ValueError(f"{source}: the {info['method']} encoder is not a ViT with timm's VisionTransformer names "
+                         f"(no {', '.join(lacking or ['num_heads in its config'])}; its features use "
+                         f"{', '.join(uses[:2]) or 'other tensors'} ...): export writes plain ViT encoders only")
+    embed_dim, in_chans, patch_size = state["patch_embed.proj.weight"].shape[:3]  # (D, C, P, P)
+    kwargs = dict(img_size=model.cfg.img_size, patch_size=int(patch_size), in_chans=int(in_chans),
+                  embed_dim=int(embed_dim), depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
+                  num_heads=int(num_heads), mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / int(embed_dim))
+    vit = TimmViT(**kwargs)
+    common.load_weights(vit, state, f"the {info['method']} encoder of {source}")  # one-line error on a mismatch
+    imgs = torch.randn(2, kwargs["in_chans"], kwargs["img_size"], kwargs["img_size"],
+                       generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    with torch.no_grad():
+        ours, theirs = model.eval().forward_features(imgs), vit.eval()(imgs)  # (B, N, D) each
+    model.train(was_training)
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4):
+        extra = sorted(n for n in info["needed"] if n not in state and n in own)
+        raise ValueError(f"{source}: the {info['method']} encoder's features are not those of a plain ViT over its "
+                         f"timm-named tensors (it also uses {', '.join(extra[:3]) or 'other computations'}): "
+                         f"export writes plain ViT encoders only")
+    return state, kwargs
+
+
+def timm_constructor(kwargs):
+    """The Python expression that builds the timm model an exported state dict loads into."""
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return (f"timm.models.vision_transformer.VisionTransformer({args}, qkv_bias=True, num_classes=0, "
+            f"norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))")
 
 
 def eval_datasets(ecfg, info, splits=("train", "val")):
@@ -597,6 +676,8 @@ def start_result(out, command, ecfg, ccfg, info, data, code_files, world=1):
     """Create the result folder with config.json and code/ (this code, and the pre-training code that
     the checkpoint carries); return the metadata that result.json repeats."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a result folder: pass a folder")
     (out / "code").mkdir(parents=True, exist_ok=True)
     for f in ("result.json", "log.jsonl"):
         (out / f).unlink(missing_ok=True)
@@ -734,6 +815,11 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
     rank, world, local_rank = common.distributed()
     device, main = common.pick_device(ecfg.device, local_rank), rank == 0
     data, train_set, val_set = eval_datasets(ecfg, info)
+    images_per_step = fcfg.batch_size * fcfg.accum_iter
+    steps_per_epoch = len(train_set) // world // images_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one step needs "
+                         f"({images_per_step * world}): lower --batch-size or use more data")
     out = Path(ecfg.out or default_out(info, "finetune", ecfg, data))
     meta = start_result(out, "finetune", ecfg, fcfg, info, data, code_files, world) if main else None
     img_size, classes = info["config"].img_size, num_classes(train_set)
@@ -758,11 +844,6 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
     loader = common.make_loader(train_data, fcfg.batch_size, sampler, ecfg.num_workers, True, device)
     val_loader = loader_for(val_set, common.transform(data, img_size, False), fcfg.batch_size,
                             min(ecfg.num_workers, 2), device, rank=rank, world=world)
-    images_per_step = fcfg.batch_size * fcfg.accum_iter
-    steps_per_epoch = len(train_set) // world // images_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one step needs "
-                         f"({images_per_step * world}): lower --batch-size or use more data")
     total, warmup = fcfg.epochs * steps_per_epoch, fcfg.warmup_epochs * steps_per_epoch
     peak_lr, step, metrics = fcfg.blr * images_per_step * world / 256, 0, {}
     if main:

@@ -1,7 +1,9 @@
 """Shared test helpers: run the CLI as a user would, in a subprocess, from the project root."""
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,3 +14,55 @@ def run_cli(*args, timeout=600, env=None):
     env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+# A process that has imported cli.py once and forks a child for each command: the child runs cli.main(ARGS),
+# what `python cli.py ARGS` runs, with its own stdout and stderr, without paying the ~2 s import of torch again.
+FORK_SERVER = r"""
+import json, os, signal, sys, traceback
+import cli
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(request["timeout"])  # a hung command dies, and is reported as killed
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv, code = ["cli.py", *request["args"]], 1
+        try:
+            cli.main(request["args"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()  # as the interpreter would print an uncaught exception
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+    print(json.dumps(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])), flush=True)
+"""
+
+
+class ForkedCli:
+    """run(*args) -> CompletedProcess, like run_cli, for long tables of commands that stop early (bad input).
+    Each command is still a process of its own; only the imports are shared. Use as a context manager."""
+
+    def __enter__(self):
+        env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
+        self.server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=ROOT, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, env=env)
+        self.tmp = tempfile.TemporaryDirectory()
+        return self
+
+    def run(self, *args, timeout=300):
+        args = list(map(str, args))
+        files = {name: os.path.join(self.tmp.name, name) for name in ("stdout", "stderr")}
+        self.server.stdin.write(json.dumps({"args": args, "timeout": timeout, **files}) + "\n")
+        self.server.stdin.flush()
+        code = json.loads(self.server.stdout.readline())
+        out, err = (Path(files[name]).read_text() for name in ("stdout", "stderr"))
+        return subprocess.CompletedProcess(["cli.py", *args], code, out, err)
+
+    def __exit__(self, *exc):
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+        self.tmp.cleanup()

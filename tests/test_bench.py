@@ -109,10 +109,20 @@ def test_cli_bench_table_skips_impossible_variants_and_refuses_bad_options():
     assert result.returncode == 0, result.stderr + result.stdout
     assert "GFLOPs/img fwd+bwd" in result.stdout and "simmim" in result.stdout
     assert "skipped pr-mim: throw 0.65" in result.stdout  # above SimMIM's mask ratio 0.6
-    bad = run_cli("bench", "mae", "--preset", "tiny", "--compare", "beit")
-    assert bad.returncode == 2 and "unknown --compare 'beit'" in bad.stderr
     with pytest.raises(ValueError, match="--steps"):
         bench.run([], steps=0)
+
+
+def test_cli_bench_data_measures_the_loader_alone():
+    """`bench --data`: images per second of the pre-training loader (augmentation and masks in a worker).
+    (A missing data folder and other bad --data input: tests/test_cli_errors.py.)"""
+    result = run_cli("bench", "mae", "--preset", "tiny", "--data", "shapes", "--num-workers", 1, "--batches", 3,
+                     "--json", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr + result.stdout
+    row = json.loads(result.stdout)
+    assert row["data"] == "shapes" and row["batch_size"] == 32 and row["num_workers"] == 1  # the preset's batch
+    assert row["batches"] == 3 and row["warmup_batches"] == 2  # 2 per worker are not timed
+    assert row["images_per_s"] > 0 and abs(row["images_per_s"] * row["seconds"] - 3 * 32) < 1e-6
 
 
 def test_flops_of_a_reversible_backward_count_its_recomputed_forward():
