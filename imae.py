@@ -323,4 +323,4 @@ if __name__ == "__main__":  # `python imae.py ARGS` is `python cli.py pretrain i
 
     import cli
 
-    cli.app(["pretrain", "i-mae", *sys.argv[1:]])
+    cli.main(["pretrain", "i-mae", *sys.argv[1:]])

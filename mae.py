@@ -159,4 +159,4 @@ if __name__ == "__main__":  # `python mae.py ARGS` is `python cli.py pretrain ma
 
     import cli
 
-    cli.app(["pretrain", "mae", *sys.argv[1:]])
+    cli.main(["pretrain", "mae", *sys.argv[1:]])

@@ -305,4 +305,4 @@ if __name__ == "__main__":  # `python pr_mim.py ARGS` is `python cli.py pretrain
 
     import cli
 
-    cli.app(["pretrain", "pr-mim", *sys.argv[1:]])
+    cli.main(["pretrain", "pr-mim", *sys.argv[1:]])

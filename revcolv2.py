@@ -324,4 +324,4 @@ if __name__ == "__main__":  # `python revcolv2.py ARGS` is `python cli.py pretra
 
     import cli
 
-    cli.app(["pretrain", "revcolv2", *sys.argv[1:]])
+    cli.main(["pretrain", "revcolv2", *sys.argv[1:]])

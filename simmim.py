@@ -160,4 +160,4 @@ if __name__ == "__main__":  # `python simmim.py ARGS` is `python cli.py pretrain
 
     import cli
 
-    cli.app(["pretrain", "simmim", *sys.argv[1:]])
+    cli.main(["pretrain", "simmim", *sys.argv[1:]])
