@@ -223,18 +223,19 @@ def table(results, title=""):
     return out
 
 
-def loader_throughput(dataset, batch_size, batches, warmup, num_workers, device, seed=0):
-    """Images per second of the training loader over `dataset` (a common.SeededDataset) alone, as
-    common.train builds it (shuffled, pinned memory on a GPU, persistent workers), timed over `batches`
-    batches after `warmup` untimed ones (worker start-up, the first prefetched batches); epochs follow
-    one another as in training when the data set is shorter."""
+def loader_throughput(train_set, data, img_size, sample_inputs, batch_size, batches, warmup, num_workers, device,
+                      seed=0):
+    """Images per second of the pre-training loader over `train_set` alone (common.pretrain_loader, the one
+    common.train uses: augmentation and `sample_inputs` in the workers, pinned memory on a GPU, persistent
+    workers), timed over `batches` batches after `warmup` untimed ones (worker start-up, the first
+    prefetched batches); epochs follow one another as in training when the data set is shorter."""
     if batch_size < 1 or batches < 1 or warmup < 0 or num_workers < 0:
         raise ValueError(f"--batch-size and --batches must be at least 1, --warmup and --num-workers not negative, "
                          f"got {batch_size}, {batches}, {warmup}, {num_workers}")
-    sampler = common.EpochSampler(len(dataset), shuffle=True, seed=seed)
-    loader = common.make_loader(dataset, batch_size, sampler, num_workers, True, torch.device(device))
+    loader, sampler = common.pretrain_loader(train_set, data, img_size, sample_inputs, seed, batch_size, num_workers,
+                                             torch.device(device))
     if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} images are fewer than one batch of {batch_size}: lower --batch-size")
+        raise ValueError(f"{len(train_set)} images are fewer than one batch of {batch_size}: lower --batch-size")
 
     def forever():
         epoch = 0
@@ -252,7 +253,7 @@ def loader_throughput(dataset, batch_size, batches, warmup, num_workers, device,
     seconds = time.perf_counter() - tick
     stream.close()  # ends the epoch's iterator, so the workers shut down
     return {"images_per_s": images / seconds, "ms_per_batch": seconds / batches * 1e3, "batches": batches,
-            "warmup_batches": warmup, "batch_size": batch_size, "num_workers": num_workers, "images": len(dataset),
+            "warmup_batches": warmup, "batch_size": batch_size, "num_workers": num_workers, "images": len(train_set),
             "seconds": seconds}
 
 

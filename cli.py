@@ -261,10 +261,10 @@ def run_bench_loader(method, preset, model, batch_size, warmup, json_out, device
         batch_size = tcfg.batch_size if batch_size is None else batch_size
         train_set = common.load_dataset(tcfg.data, "train", tcfg.data_dir, tcfg.train_size, cfg.img_size)
         sample_inputs = getattr(module, "sample_inputs", None)
-        dataset = common.SeededDataset(train_set, common.transform(tcfg.data, cfg.img_size, True),
-                                       sample_inputs and _Bound(sample_inputs, cfg), tcfg.seed)
-        result = bench.loader_throughput(dataset, batch_size, batches, max(warmup, 2 * tcfg.num_workers),
-                                         tcfg.num_workers, common.pick_device(device), tcfg.seed)
+        sample_inputs = sample_inputs and _Bound(sample_inputs, cfg)
+        result = bench.loader_throughput(train_set, tcfg.data, cfg.img_size, sample_inputs, batch_size, batches,
+                                         max(warmup, 2 * tcfg.num_workers), tcfg.num_workers,
+                                         common.pick_device(device), tcfg.seed)
     except ValueError as e:
         fail(str(e))
     result = {"method": method, "data": tcfg.data, "img_size": cfg.img_size, **result}

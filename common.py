@@ -465,6 +465,15 @@ def make_loader(dataset, batch_size, sampler, num_workers, train, device):
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
 
 
+def pretrain_loader(train_set, data, img_size, sample_inputs, seed, batch_size, num_workers, device, rank=0, world=1):
+    """The pre-training loader (the MAE augmentation and the method's per-sample inputs in the workers, this
+    process's share of a seeded shuffle) and its sampler, whose set_epoch starts each epoch. `train` and
+    `bench --data` both use it, so the benchmark times the loader training runs."""
+    sampler = EpochSampler(len(train_set), shuffle=True, seed=seed, rank=rank, world=world)
+    dataset = SeededDataset(train_set, transform(data, img_size, True), sample_inputs, seed)
+    return make_loader(dataset, batch_size, sampler, num_workers, True, device), sampler
+
+
 # ----------------------------------------------------------------------------------------------------
 # Devices, processes, checkpoints
 
@@ -732,9 +741,8 @@ def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_input
     if tcfg.compile:
         model = torch.compile(model)
 
-    sampler = EpochSampler(len(train_set), shuffle=True, seed=tcfg.seed, rank=rank, world=world)
-    train_data = SeededDataset(train_set, transform(tcfg.data, cfg.img_size, True), sample_inputs, tcfg.seed)
-    loader = make_loader(train_data, tcfg.batch_size, sampler, tcfg.num_workers, True, device)
+    loader, sampler = pretrain_loader(train_set, tcfg.data, cfg.img_size, sample_inputs, tcfg.seed, tcfg.batch_size,
+                                      tcfg.num_workers, device, rank, world)
     val_data = SeededDataset(val_set, transform(tcfg.data, cfg.img_size, False), sample_inputs, tcfg.seed + 1)
     val_loader = make_loader(val_data, tcfg.batch_size, EpochSampler(len(val_set), False, rank=rank, world=world),
                              min(tcfg.num_workers, 2), False, device)
