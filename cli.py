@@ -235,7 +235,8 @@ def run_bench(method, preset, model, batch_size, steps, warmup, rounds, compare,
                 log(f"[dim]skipped {escape(label)}: {escape(str(e))}[/]")
                 continue
             rows.append((label, model_cls, cfg, getattr(module, "sample_inputs", None)))
-        results = bench.run(rows, batch_size, steps, warmup, rounds, common.pick_device(device), log)
+        device = common.pick_device(device)
+        results = bench.run(rows, batch_size, steps, warmup, rounds, device, log)
     except ValueError as e:
         fail(str(e))
     if json_out:
@@ -243,7 +244,7 @@ def run_bench(method, preset, model, batch_size, steps, warmup, rounds, compare,
         return
     cfg = rows[-1][2]
     console.print(bench.table(results, f"{cfg.img_size} px, patch {cfg.patch_size}, batch {batch_size}, "
-                                       f"{common.pick_device(device)}, {common.torch.get_num_threads()} threads; "
+                                       f"{device}, {common.torch.get_num_threads()} threads; "
                                        f"ratios to the first row, measured in this run"))
 
 
