@@ -164,8 +164,13 @@ def run_pretrain(method, preset, model, **options):
     sample_inputs = getattr(module, "sample_inputs", None)
     sample_inputs = sample_inputs and _Bound(sample_inputs, cfg)
     files = [module.__file__, common.__file__]
+
+    def picture(model, path, title):  # --vis-every: reconstructions of the first held-out images
+        evaluate.save_reconstructions(model, val_set, tcfg.data, cfg.img_size, sample_inputs, path, tcfg.seed,
+                                      title=title)
+
     try:
-        out = common.train(net, cfg, tcfg, train_set, val_set, method, files, sample_inputs, console)
+        out = common.pretrain(net, cfg, tcfg, train_set, val_set, method, files, sample_inputs, console, picture)
     except (FloatingPointError, ValueError) as e:
         fail(str(e), code=1)
     except InterruptedError as e:

@@ -487,17 +487,26 @@ def distributed():
 
 
 def gather_batch(*tensors):
-    """Each (B, ...) tensor from every process, concatenated in rank order (B x processes, ...), then the index
+    """Each (B_r, ...) tensor from every process r, concatenated in rank order (sum of B_r, ...), then the index
     where this process's rows start: for a method whose samples interact across the whole batch, so N
-    processes compute what one would. In one process: the tensors as they are, and 0. No gradient flows back."""
+    processes compute what one would. The B_r may differ (a held-out set split across processes: the last
+    batch, or a size not divisible by N): the sizes are gathered first, then rows padded to the largest and
+    trimmed back. In one process: the tensors as they are, and 0. No gradient flows back."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return (*tensors, 0)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([len(tensors[0])], device=tensors[0].device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]  # B_r of every process
     gathered = []
     for x in tensors:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        gathered.append(torch.cat(parts))
-    return (*gathered, dist.get_rank() * len(tensors[0]))
+        padded = x.new_zeros(max(sizes), *x.shape[1:])
+        padded[: len(x)] = x.detach()
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        gathered.append(torch.cat([part[:n] for part, n in zip(parts, sizes)]))
+    return (*gathered, sum(sizes[:rank]))
 
 
 def check_device(name):
@@ -619,7 +628,7 @@ class TrainConfig:
     amp: str = "bf16"  # autocast on GPU: bf16 | fp16 (with a gradient scaler) | fp32; CPU runs are fp32
     compile: bool = False  # torch.compile the model
     log_every: int = 20  # write a line to log.jsonl every N steps
-    ckpt_every: int = 0  # also save a checkpoint every N steps (0 = only at epoch ends); a multiple of --log-every
+    ckpt_every: int = 0  # also save a checkpoint every N steps (0 = only at epoch ends and the last step)
     vis_every: int = 0  # also save a reconstruction picture, vis-epochNNNN.png, every N epochs (0 = never)
     max_steps: int = 0  # stop after N steps of the full schedule (0 = run all epochs); for budgets and tests
     out: str = ""  # run folder for log and checkpoint (default runs/<method>-<data>-<time>)
@@ -668,21 +677,187 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr):
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def seed_step(seed, step, micro=0, rank=0):
+    """Seed torch's global generators (CPU and every GPU) for one micro-batch from where it is in the run:
+    whatever the model or the loop draws there (drop path, mixup, a method's noise) is fixed by (seed, step,
+    micro-batch, process), not by what ran before, so a resumed run draws exactly what an uninterrupted one does."""
+    torch.manual_seed(hash((seed, step, micro, rank)) % 2**63)
 
 
 def all_reduce_sum(x, world):
     if world > 1:
         dist.all_reduce(x)
     return x
+
+
+def setup(tcfg):
+    """(rank, world size, device) of this process, with TF32 matmuls allowed on a GPU."""
+    rank, world, local_rank = distributed()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, world, pick_device(tcfg.device, local_rank)
+
+
+def autocast_dtype(amp, device):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp] if device.type == "cuda" else None
+
+
+def train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_state, meta, ckpt=None, ema=None,
+          evaluate_first=False, console=None, title="train"):
+    """The training loop of pre-training and fine-tuning. Returns the run folder, tcfg.out.
+
+    loss_of(net, imgs, labels, inputs) -> the loss of one micro-batch; end_of_epoch(epoch) -> {metric: value}, logged
+    after each epoch (and before training if evaluate_first); model_state() -> the model's part of the checkpoint
+    ({"model": state dict, ...}); meta: the rest of it (configs, code). ckpt: the checkpoint to continue (--resume),
+    whose model the caller has loaded already; the optimiser, scaler, step and EMA are restored here. ema: an
+    AveragedModel updated after every step.
+
+    One process or many under torchrun (DDP; rank 0 writes log.jsonl and checkpoint.pt). Every random draw is seeded
+    by its place in the run (seed_step; data: SeededDataset), so a resumed run is bitwise the uninterrupted one.
+    The loss and the stop flag reach the host only at logged steps (every --log-every steps and at epoch ends)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    # set-up: processes, the schedule, the run folder
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device, main = next(model.parameters()).device, rank == 0
+    console = console or Console()
+    out = Path(tcfg.out)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    amp_dtype = autocast_dtype(tcfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    images_per_step = tcfg.batch_size * tcfg.accum_iter  # per process
+    steps_per_epoch = sampler.n // world // images_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{sampler.n} training images are fewer than one step needs ({images_per_step * world}): "
+                         f"lower --batch-size or use more data")
+    total_steps, warmup_steps = tcfg.epochs * steps_per_epoch, tcfg.warmup_epochs * steps_per_epoch
+    stop = min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps
+    peak_lr = tcfg.lr or tcfg.blr * images_per_step * world / 256
+    step = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["ema"])
+            ema.n_averaged.fill_(step)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    net = torch.compile(net) if tcfg.compile else net
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_path.with_name(ckpt_path.name + ".tmp").unlink(missing_ok=True)  # left by a run killed mid-save
+        rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.endswith("}")] \
+            if ckpt is not None and log_path.exists() else []
+        # keep what the log says up to the checkpoint (a killed run may have gone on); a new run starts afresh
+        log_path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
+        if ckpt is None:
+            ckpt_path.unlink(missing_ok=True)
+        console.print(f"{title}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained "
+                      f"parameters, {steps_per_epoch} steps/epoch x {tcfg.epochs} epochs, {world} process(es) on "
+                      f"{device}, lr {peak_lr:.2e} (effective batch {images_per_step * world}), run folder {out}")
+
+    def write_log(**row):
+        if main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save():  # the one save: model, optimiser, scaler, step, EMA, configs and code
+        if main:
+            save_checkpoint({**model_state(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                             "step": step, "ema": ema.module.state_dict() if ema is not None else None, **meta},
+                            ckpt_path)
+        if world > 1:
+            dist.barrier()
+
+    signals = []  # SIGTERM (cluster preemption) or Ctrl-C: stop at the next logged step and save; a second Ctrl-C aborts
+
+    def on_signal(signum, frame):
+        if signals and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signals.append(signum)
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
+               TimeRemainingColumn()]
+    progress = Progress(*columns, console=console, disable=not main)
+    task = progress.add_task(title, total=stop, completed=step, loss=float("nan"), lr=0.0, ips=0.0)
+    if evaluate_first and step == 0:  # before training: the floor every later number is read against
+        metrics = end_of_epoch(0)
+        write_log(step=0, epoch=0, **metrics)
+        if main:
+            console.print("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    # the loop over optimiser steps, with an inner loop over micro-batches
+    batches, saved_step, stop_asked = None, step if ckpt is not None else -1, False
+    loss_sum, logged_step, tick = torch.zeros((), device=device), step, time.perf_counter()
+    start = tick
+    progress.start()
+    try:
+        while step < stop:
+            epoch = step // steps_per_epoch
+            if batches is None or step % steps_per_epoch == 0:  # a new epoch, or the rest of the resumed one
+                sampler.set_epoch(epoch, start=(step % steps_per_epoch) * images_per_step)
+                batches = iter(loader)
+                progress.update(task, description=f"epoch {epoch + 1}/{tcfg.epochs}")
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr, tcfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            for micro in range(tcfg.accum_iter):
+                imgs, labels, inputs = next(batches)
+                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+                seed_step(tcfg.seed, step, micro, rank)
+                last = micro == tcfg.accum_iter - 1
+                with net.no_sync() if world > 1 and not last else contextlib.nullcontext():  # DDP: sync at the last
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss = loss_of(net, imgs, labels, inputs)
+                    scaler.scale(loss / tcfg.accum_iter).backward()
+                loss_sum += loss.detach().float() / tcfg.accum_iter
+            if tcfg.clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+            epoch_end = step % steps_per_epoch == 0
+            save_now = epoch_end or step == stop or (tcfg.ckpt_every and step % tcfg.ckpt_every == 0)
+            if step % tcfg.log_every == 0 or save_now:  # the one host sync: logged steps, and before every save
+                stats = all_reduce_sum(torch.stack([loss_sum / world, torch.tensor(float(bool(signals)), device=device)]),
+                                       world).tolist()
+                mean_loss, stop_asked = stats[0] / (step - logged_step), stats[1] > 0
+                if not math.isfinite(mean_loss):
+                    where = f"the checkpoint of step {saved_step} in {ckpt_path} is kept" if saved_step >= 0 \
+                        else "no checkpoint was written"
+                    raise FloatingPointError(f"loss is {mean_loss} between steps {logged_step + 1} and {step} (epoch "
+                                             f"{epoch + 1}); stopped, {where}. Try a lower --blr, --clip-grad 1.0 or "
+                                             f"--amp fp32")
+                ips = (step - logged_step) * images_per_step * world / (time.perf_counter() - tick)
+                write_log(step=step, epoch=round(step / steps_per_epoch, 4), loss=mean_loss, lr=lr, img_per_s=round(ips, 1))
+                progress.update(task, completed=step, loss=mean_loss, lr=lr, ips=ips)
+                loss_sum.zero_()
+                logged_step, tick = step, time.perf_counter()
+            if epoch_end:  # the end of an epoch: held-out metrics, then a checkpoint
+                metrics = end_of_epoch(epoch + 1)
+                write_log(step=step, epoch=epoch + 1, **metrics, elapsed_s=round(time.perf_counter() - start, 1))
+                if main:
+                    progress.console.print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if save_now or stop_asked:
+                save()
+                saved_step = step
+            if stop_asked:
+                break
+    finally:
+        progress.stop()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stop_asked:
+        raise InterruptedError(f"stopped by a signal at step {step}, checkpoint saved: continue with --resume --out {out}")
+    return out
 
 
 @torch.no_grad()
@@ -693,196 +868,56 @@ def evaluate_loss(model, loader, device, amp_dtype, world, seed=0):
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses x images, images)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for imgs, labels, extra in loader:
+        for imgs, labels, inputs in loader:
             if "labels" in inspect.signature(model.forward).parameters:
-                extra["labels"] = labels
-            imgs, extra = imgs.to(device), {k: v.to(device) for k, v in extra.items()}
+                inputs["labels"] = labels
+            imgs, inputs = imgs.to(device), {k: v.to(device) for k, v in inputs.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = model(imgs, **extra)[0]
+                loss = model(imgs, **inputs)[0]
             total += torch.stack([loss.double() * len(imgs), torch.tensor(len(imgs), device=device)])
     model.train()
     total = all_reduce_sum(total, world)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def train(model, cfg, tcfg, train_set, val_set, method, code_files, sample_inputs=None, console=None):
+def pretrain(model, cfg, tcfg, train_set, val_set, method, code_files, sample_inputs=None, console=None, picture=None):
     """Pre-train `model` and return the run folder. The model is called as model(imgs, **inputs) ->
     (loss, pred, mask), with inputs = sample_inputs(generator) of each sample, collated, plus
-    labels=(B,) if its forward has a `labels` parameter.
+    labels=(B,) if its forward has a `labels` parameter. Held-out loss before training and after each
+    epoch; picture(model, path, title), if given, draws reconstructions every --vis-every epochs.
 
-    One process or many under torchrun (DDP; rank 0 writes logs and checkpoints). Writes log.jsonl
-    (a line every --log-every steps and the held-out loss each epoch) and checkpoint.pt (model,
-    optimiser, scaler, step, RNG state, configs, method and common.py source, git hash)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    rank, world, local_rank = distributed()
-    device, main = pick_device(tcfg.device, local_rank), rank == 0
-    console = console or Console()
+    Writes config.json, log.jsonl and checkpoint.pt (model, optimiser, scaler, step, configs, method and
+    common.py source, git hash) in tcfg.out."""
+    rank, world, device = setup(tcfg)
     out = Path(tcfg.out)
-    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    raw = model.to(device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[tcfg.amp] if device.type == "cuda" else None
-    optimizer = torch.optim.AdamW(param_groups(raw, tcfg.weight_decay), lr=0.0, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")  # betas: MAE paper, Appendix A.1
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    step = 0
+    model.to(device)
+    ckpt = None
     if tcfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        load_weights(raw, ckpt["model"], str(ckpt_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    if tcfg.compile:
-        model = torch.compile(model)
-
+        ckpt = load_checkpoint(out / "checkpoint.pt")
+        load_weights(model, ckpt["model"], str(out / "checkpoint.pt"))
+    optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=0.0, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")  # betas: MAE paper, Appendix A.1
     loader, sampler = pretrain_loader(train_set, tcfg.data, cfg.img_size, sample_inputs, tcfg.seed, tcfg.batch_size,
                                       tcfg.num_workers, device, rank, world)
     val_data = SeededDataset(val_set, transform(tcfg.data, cfg.img_size, False), sample_inputs, tcfg.seed + 1)
     val_loader = make_loader(val_data, tcfg.batch_size, EpochSampler(len(val_set), False, rank=rank, world=world),
                              min(tcfg.num_workers, 2), False, device)
-
-    takes_labels = "labels" in inspect.signature(raw.forward).parameters
-    images_per_step = tcfg.batch_size * tcfg.accum_iter  # per process
-    steps_per_epoch = len(train_set) // world // images_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one step needs "
-                         f"({images_per_step * world}): lower --batch-size or use more data")
-    total_steps, warmup_steps = tcfg.epochs * steps_per_epoch, tcfg.warmup_epochs * steps_per_epoch
-    stop = min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps
-    peak_lr = tcfg.lr or tcfg.blr * images_per_step * world / 256
-    meta = {"method": method, "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
-            "git": git_hash(), "torch": str(torch.__version__), "world_size": world}
-    code = {Path(f).name: Path(f).read_text() for f in code_files}
-    if main:
+    takes_labels = "labels" in inspect.signature(model.forward).parameters  # e.g. a method pairing images by class
+    meta = {"method": method, "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg), "git": git_hash(),
+            "torch": str(torch.__version__), "world_size": world,
+            "code": {Path(f).name: Path(f).read_text() for f in code_files}}
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        ckpt_path.with_name(ckpt_path.name + ".tmp").unlink(missing_ok=True)  # left by a run killed mid-save
-        if not tcfg.resume:  # a new run (--overwrite): the old run's files go only now, once all is set up
-            log_path.unlink(missing_ok=True)
-            ckpt_path.unlink(missing_ok=True)
-        elif log_path.exists():  # keep what the log says up to the checkpoint; a killed run may have gone on
-            rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.endswith("}")]
-            log_path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
-    log = open(log_path, "a") if main else None
+        (out / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "code"}, indent=2) + "\n")
 
-    def write_log(**row):
-        if main:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+    def loss_of(net, imgs, labels, inputs):
+        return net(imgs, **inputs, **({"labels": labels} if takes_labels else {}))[0]
 
-    def save():
-        if main:
-            save_checkpoint({"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "step": step, "rng": rng_state(), **meta,
-                             "code": code}, ckpt_path)
-        if world > 1:
-            dist.barrier()
+    def end_of_epoch(epoch):
+        val_loss = evaluate_loss(model, val_loader, device, autocast_dtype(tcfg.amp, device), world, seed=tcfg.seed)
+        if picture and rank == 0 and tcfg.vis_every and epoch and epoch % tcfg.vis_every == 0:
+            picture(model, out / f"vis-epoch{epoch:04d}.png", f"{method}, epoch {epoch}, held-out images.")
+        return {"val_loss": val_loss}
 
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
-               TimeRemainingColumn()]
-    if main:
-        console.print(f"{method}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, "
-                      f"{steps_per_epoch} steps/epoch x {tcfg.epochs} epochs, {world} process(es) on {device}, "
-                      f"lr {peak_lr:.2e} (effective batch {images_per_step * world}), run folder {out}")
-    saved_step = step if tcfg.resume else -1
-    start = time.perf_counter()
-    signals = []  # SIGTERM (cluster preemption) or Ctrl-C: finish the step, save, stop; a second one aborts
-
-    def on_signal(signum, frame):
-        if signals and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        signals.append(signum)
-
-    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    stop_asked = False
-    with Progress(*columns, console=console, disable=not main) as progress:
-        task = progress.add_task("train", total=stop, completed=step, loss=float("nan"), lr=0.0, ips=0.0)
-        if step == 0:  # the held-out loss before training, the floor every later number is read against
-            val_loss = evaluate_loss(raw, val_loader, device, amp_dtype, world, seed=tcfg.seed)
-            write_log(step=0, epoch=0, val_loss=val_loss)
-            if main:
-                progress.console.print(f"before training: held-out loss {val_loss:.4f}")
-        for epoch in range(step // steps_per_epoch, tcfg.epochs):
-            if step >= stop:
-                break
-            sampler.set_epoch(epoch, start=(step - epoch * steps_per_epoch) * images_per_step)
-            progress.update(task, description=f"epoch {epoch + 1}/{tcfg.epochs}")
-            window, tick, micro = [], time.perf_counter(), 0
-            for imgs, labels, extra in loader:
-                if takes_labels:  # e.g. a method that pairs images of the same class
-                    extra["labels"] = labels
-                if micro == 0:
-                    lr = lr_at(step, total_steps, warmup_steps, peak_lr, tcfg.min_lr)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                imgs = imgs.to(device, non_blocking=True)
-                extra = {k: v.to(device, non_blocking=True) for k, v in extra.items()}
-                micro += 1
-                sync = micro == tcfg.accum_iter
-                with model.no_sync() if world > 1 and not sync else contextlib.nullcontext():
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = model(imgs, **extra)[0]
-                    # one sync per step: the loss for the log and whether any process was asked to stop
-                    stats = torch.stack([loss.detach().float(), torch.tensor(float(bool(signals)), device=device)])
-                    loss_value, stop_asked = all_reduce_sum(stats, world).tolist()
-                    loss_value /= world
-                    if not math.isfinite(loss_value):
-                        where = f"the checkpoint of step {saved_step} in {ckpt_path} is kept" if saved_step >= 0 else "no checkpoint was written"
-                        raise FloatingPointError(f"loss is {loss_value} at step {step} (epoch {epoch + 1}); stopped, "
-                                                 f"{where}. Try a lower --blr, --clip-grad 1.0 or --amp fp32")
-                    scaler.scale(loss / tcfg.accum_iter).backward()
-                if not sync:
-                    continue
-                micro = 0
-                if tcfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(raw.parameters(), tcfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window.append(loss_value)
-                if step % tcfg.log_every == 0 or step == stop:
-                    ips = len(window) * images_per_step * world / (time.perf_counter() - tick)
-                    write_log(step=step, epoch=round(step / steps_per_epoch, 4), loss=sum(window) / len(window),
-                              lr=lr, img_per_s=round(ips, 1))
-                    progress.update(task, ips=ips)
-                    window, tick = [], time.perf_counter()
-                progress.update(task, completed=step, loss=loss_value, lr=lr)
-                if tcfg.ckpt_every and step % tcfg.ckpt_every == 0 and step % steps_per_epoch:
-                    save()  # at the end of an epoch the checkpoint comes after the held-out loss, below
-                    saved_step = step
-                if step >= stop or stop_asked:
-                    break
-            if step % steps_per_epoch == 0:  # the epoch is complete: held-out loss, then a checkpoint
-                val_loss = evaluate_loss(raw, val_loader, device, amp_dtype, world, seed=tcfg.seed)
-                write_log(step=step, epoch=epoch + 1, val_loss=val_loss, elapsed_s=round(time.perf_counter() - start, 1))
-                if main:
-                    progress.console.print(f"epoch {epoch + 1}: held-out loss {val_loss:.4f}")
-                if main and tcfg.vis_every and (epoch + 1) % tcfg.vis_every == 0:
-                    import evaluate  # the picture's plumbing; imported here because it imports this module
-
-                    evaluate.save_reconstructions(raw, val_set, tcfg.data, cfg.img_size, sample_inputs,
-                                                  out / f"vis-epoch{epoch + 1:04d}.png", tcfg.seed,
-                                                  title=f"{method}, epoch {epoch + 1}, held-out images.")
-                if saved_step != step:
-                    save()
-                    saved_step = step
-            if stop_asked:
-                break
-    if saved_step != step:
-        save()
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    if log:
-        log.close()
-    if stop_asked:
-        raise InterruptedError(f"stopped by a signal at step {step}, checkpoint saved: continue with --resume --out {out}")
-    return out
+    return train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, lambda: {"model": model.state_dict()},
+                 meta, ckpt, evaluate_first=True, console=console, title=method)

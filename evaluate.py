@@ -121,6 +121,10 @@ class FinetuneConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated beside them (0 = off)
     clip_grad: float = 0.0  # clip the gradient norm to this value (0 = off, as the official recipe)
     amp: str = "bf16"  # autocast on GPU: bf16 | fp16 | fp32; CPU runs are fp32
+    log_every: int = 20  # write a line to log.jsonl every N steps
+    ckpt_every: int = 0  # also save a checkpoint every N steps (0 = only at epoch ends and the last step)
+    max_steps: int = 0  # stop after N steps of the full schedule (0 = run all epochs)
+    resume: bool = False  # continue the fine-tuning in --out (or the default result folder) exactly; same options
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.accum_iter < 1:
@@ -672,14 +676,15 @@ def pretraining_summary(info):
     return f"{epochs:g} ep x {images} img, batch {train.get('batch_size', '?')}", seconds
 
 
-def start_result(out, command, ecfg, ccfg, info, data, code_files, world=1):
+def start_result(out, command, ecfg, ccfg, info, data, code_files, world=1, fresh=True):
     """Create the result folder with config.json and code/ (this code, and the pre-training code that
-    the checkpoint carries); return the metadata that result.json repeats."""
+    the checkpoint carries); return the metadata that result.json repeats. fresh: drop an earlier result
+    and log (not when a fine-tuning run is continued)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a result folder: pass a folder")
     (out / "code").mkdir(parents=True, exist_ok=True)
-    for f in ("result.json", "log.jsonl"):
+    for f in ("result.json", "log.jsonl") if fresh else ("result.json",):
         (out / f).unlink(missing_ok=True)
     for f in code_files:
         (out / "code" / Path(f).name).write_text(Path(f).read_text())
@@ -808,103 +813,86 @@ def run_linprobe(model, info, ecfg, lcfg, code_files, console):
     return finish_result(out, meta, metrics, time.perf_counter() - start), out
 
 
+FINETUNE_RESUME_MAY_CHANGE = {"resume", "max_steps", "log_every", "ckpt_every", "num_workers", "device", "out"}
+
+
 def run_finetune(model, info, ecfg, fcfg, code_files, console):
     """The MAE fine-tuning recipe on the encoder + a global-pool head; top-1 / top-5 after every epoch.
-    One process or many under torchrun (DDP; rank 0 writes the result folder)."""
+    One process or many under torchrun (DDP; rank 0 writes the result folder); --resume continues it exactly."""
     start = time.perf_counter()
-    rank, world, local_rank = common.distributed()
-    device, main = common.pick_device(ecfg.device, local_rank), rank == 0
     data, train_set, val_set = eval_datasets(ecfg, info)
-    images_per_step = fcfg.batch_size * fcfg.accum_iter
-    steps_per_epoch = len(train_set) // world // images_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one step needs "
-                         f"({images_per_step * world}): lower --batch-size or use more data")
     out = Path(ecfg.out or default_out(info, "finetune", ecfg, data))
-    meta = start_result(out, "finetune", ecfg, fcfg, info, data, code_files, world) if main else None
-    img_size, classes = info["config"].img_size, num_classes(train_set)
+    tcfg = common.TrainConfig(
+        data=data, epochs=fcfg.epochs, warmup_epochs=fcfg.warmup_epochs, batch_size=fcfg.batch_size,
+        accum_iter=fcfg.accum_iter, blr=fcfg.blr, min_lr=fcfg.min_lr, weight_decay=fcfg.weight_decay,
+        clip_grad=fcfg.clip_grad, seed=ecfg.seed, num_workers=ecfg.num_workers, amp=fcfg.amp, log_every=fcfg.log_every,
+        ckpt_every=fcfg.ckpt_every, max_steps=fcfg.max_steps, out=str(out), resume=fcfg.resume, device=ecfg.device)
+    rank, world, device = common.setup(tcfg)
+    if fcfg.batch_size * fcfg.accum_iter * world > len(train_set):
+        raise ValueError(f"{len(train_set)} training images are fewer than one step needs "
+                         f"({fcfg.batch_size * fcfg.accum_iter * world}): lower --batch-size or use more data")
+    ckpt = None
+    if fcfg.resume:
+        ckpt = common.load_checkpoint(out / "checkpoint.pt")
+        if "optimizer" not in ckpt or "finetune" not in ckpt:
+            raise ValueError(f"{out / 'checkpoint.pt'} is not a fine-tuning checkpoint that can be continued")
+        now = {**dataclasses.asdict(ecfg), **dataclasses.asdict(fcfg)}
+        saved = {**ckpt.get("eval", {}), **ckpt["finetune"]}
+        changed = sorted(k for k in now if k not in FINETUNE_RESUME_MAY_CHANGE and k in saved and saved[k] != now[k])
+        if changed:
+            raise ValueError(f"--resume continues {out} with the options it was started with; these differ: "
+                             + ", ".join(f"--{k.replace('_', '-')} {saved[k]} there, {now[k]} here" for k in changed))
+    meta = start_result(out, "finetune", ecfg, fcfg, info, data, code_files, world, fresh=ckpt is None) \
+        if rank == 0 else None
+    classes = num_classes(train_set)
     for name, p in model.named_parameters():  # train what the features use; decoders stay frozen and unused
         p.requires_grad_(name in info["needed"])
     torch.manual_seed(ecfg.seed)
     clf = Classifier(model, info["dim"], classes).to(device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        clf.fc_norm.load_state_dict(ckpt["head"]["fc_norm"])
+        clf.head.load_state_dict(ckpt["head"]["head"])
     groups = layer_decay_groups(clf, fcfg.weight_decay, fcfg.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=0.0, fused=device.type == "cuda")  # betas (0.9, 0.999): official
-    dtype = amp_dtype(device, fcfg.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     ema = None
     if fcfg.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(clf, multi_avg_fn=get_ema_multi_avg_fn(fcfg.ema), use_buffers=True)
-    net = nn.parallel.DistributedDataParallel(clf, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else clf
-    torch.manual_seed(ecfg.seed + rank)  # mixup / cutmix draws differ per process
-    train_data = common.SeededDataset(train_set, finetune_transform(data, img_size, fcfg), None, ecfg.seed)
+    train_data = common.SeededDataset(train_set, finetune_transform(data, info["config"].img_size, fcfg), None,
+                                      ecfg.seed)
     sampler = common.EpochSampler(len(train_set), True, seed=ecfg.seed, rank=rank, world=world)
     loader = common.make_loader(train_data, fcfg.batch_size, sampler, ecfg.num_workers, True, device)
-    val_loader = loader_for(val_set, common.transform(data, img_size, False), fcfg.batch_size,
+    val_loader = loader_for(val_set, common.transform(data, info["config"].img_size, False), fcfg.batch_size,
                             min(ecfg.num_workers, 2), device, rank=rank, world=world)
-    total, warmup = fcfg.epochs * steps_per_epoch, fcfg.warmup_epochs * steps_per_epoch
-    peak_lr, step, metrics = fcfg.blr * images_per_step * world / 256, 0, {}
-    if main:
-        console.print(f"finetune: {sum(p.numel() for p in clf.parameters() if p.requires_grad) / 1e6:.2f}M trained "
-                      f"parameters, {steps_per_epoch} steps/epoch x {fcfg.epochs} epochs, lr {peak_lr:.2e}, "
-                      f"{world} process(es) on {device}, result folder {out}")
-    with _progress(console, disable=not main) as bar:
-        task = bar.add_task("finetune", total=total)
-        for epoch in range(fcfg.epochs):
-            sampler.set_epoch(epoch)
-            micro, window = 0, []
-            for imgs, labels, _ in loader:
-                if step == (epoch + 1) * steps_per_epoch:
-                    break
-                if micro == 0:
-                    lr = common.lr_at(step, total, warmup, peak_lr, fcfg.min_lr)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group["lr_scale"]
-                imgs, targets = soft_targets(imgs, labels, classes, fcfg)
-                imgs, targets = imgs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    logits = net(imgs)  # (B, classes)
-                loss = F.cross_entropy(logits.float(), targets)  # soft targets: mixup / cutmix + smoothing
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}: try a lower --blr, "
-                                             f"--clip-grad 1.0 or --amp fp32")
-                scaler.scale(loss / fcfg.accum_iter).backward()
-                micro += 1
-                if micro < fcfg.accum_iter:
-                    continue
-                micro = 0
-                if fcfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(clf.parameters(), fcfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update_parameters(clf)
-                step += 1
-                window.append(loss.item())
-                bar.update(task, completed=step, description=f"epoch {epoch + 1}/{fcfg.epochs} loss {loss.item():.3f}")
-            top1, top5, val_loss = evaluate_classifier(clf, val_loader, device, world, dtype)
-            metrics = {"top1": top1, "top5": top5, "val_loss": val_loss}
-            if ema is not None:
-                metrics.update(zip(("ema_top1", "ema_top5", "ema_val_loss"),
-                                   evaluate_classifier(ema.module, val_loader, device, world, dtype)))
-            if main:
-                append_log(out, {"epoch": epoch + 1, "step": step, "train_loss": sum(window) / max(len(window), 1),
-                                 "lr": lr, **metrics, "elapsed_s": round(time.perf_counter() - start, 1)})
-                bar.console.print(f"epoch {epoch + 1}: top-1 {top1:.4f}, top-5 {top5:.4f}, val loss {val_loss:.4f}"
-                                  + (f", EMA top-1 {metrics['ema_top1']:.4f}" if ema is not None else ""))
-                # a checkpoint of ours: knn / linprobe / visualize / finetune read it like a pre-training one
-                common.save_checkpoint({"model": model.state_dict(), "method": info["method"],
-                                        "config": dataclasses.asdict(info["config"]), "train": info["train"],
-                                        "code": info["ckpt"].get("code"), "git": common.git_hash(), "epoch": epoch + 1,
-                                        "head": {"fc_norm": clf.fc_norm.state_dict(), "head": clf.head.state_dict()},
-                                        "ema": ema.module.state_dict() if ema is not None else None,
-                                        "finetune": dataclasses.asdict(fcfg)}, out / "checkpoint.pt")
-    if not main:
+    dtype = common.autocast_dtype(fcfg.amp, device)
+
+    def loss_of(net, imgs, labels, inputs):
+        imgs, targets = soft_targets(imgs, labels, classes, fcfg)  # mixup / cutmix + smoothing, drawn per step
+        return F.cross_entropy(net(imgs).float(), targets)
+
+    def end_of_epoch(epoch):
+        metrics = dict(zip(("top1", "top5", "val_loss"), evaluate_classifier(clf, val_loader, device, world, dtype)))
+        if ema is not None:
+            metrics.update(zip(("ema_top1", "ema_top5", "ema_val_loss"),
+                               evaluate_classifier(ema.module, val_loader, device, world, dtype)))
+        return metrics
+
+    def model_state():  # the encoder under its own names: knn / linprobe / visualize / finetune read it as they read
+        return {"model": model.state_dict(),  # a pre-training checkpoint
+                "head": {"fc_norm": clf.fc_norm.state_dict(), "head": clf.head.state_dict()}}
+
+    saved = {"method": info["method"], "config": dataclasses.asdict(info["config"]), "train": info["train"],
+             "code": info["ckpt"].get("code"), "git": common.git_hash(), "finetune": dataclasses.asdict(fcfg),
+             "eval": dataclasses.asdict(ecfg)}
+    common.train(clf, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_state, saved, ckpt, ema,
+                 console=console, title="finetune")
+    if rank != 0:
         return None, out
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    metrics = next((r for r in reversed(rows) if "top1" in r), None) or {"step": 0, **end_of_epoch(0)}
+    metrics = {k: v for k, v in metrics.items() if k not in ("epoch", "elapsed_s")}
     metrics.update(train_images=len(train_set), val_images=len(val_set))
     return finish_result(out, meta, metrics, time.perf_counter() - start), out
 
