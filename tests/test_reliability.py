@@ -44,6 +44,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert list(a) == list(b) == list(range(1, 9))
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)  # same samples, masks and mean: only float order differs
     val = lambda run: [row["val_loss"] for row in read_log(run) if "val_loss" in row]  # noqa: E731
+    assert len(val(one)) == len(val(two)) == 2  # before training and after the epoch
     assert all(abs(x - y) < 1e-5 for x, y in zip(val(one), val(two)))  # held-out loss reduced across ranks
     assert common.load_checkpoint(two)["world_size"] == 2
 
@@ -73,6 +74,40 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path):
     assert losses(killed) == losses(full)  # bitwise, including the steps after the resume
     a, b = common.load_checkpoint(full)["model"], common.load_checkpoint(killed)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_resume_after_sigkill_is_bitwise_the_uninterrupted_run(tmp_path):
+    """Data order, augmentation (RandAugment, random erasing), mixup / cutmix draws, drop path and the EMA all
+    continue exactly after a SIGKILL at step 5 or later: neither an epoch end (8) nor a checkpoint (every 3)."""
+    source = tmp_path / "pretrain"
+    assert run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 2, "--out", source).returncode == 0
+    args = ("finetune", source, "--epochs", 2, "--train-size", 128, "--batch-size", 16, "--log-every", 1, "--ckpt-every", 3,
+            "--num-workers", 1, "--drop-path", 0.1, "--ema", 0.9)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_cli(*args, "--out", full).returncode == 0
+    proc = subprocess.Popen([sys.executable, "cli.py", *map(str, args), "--out", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, step = time.time() + 120, 0
+    while (step < 5 or step % 3 == 0 or step % 8 == 0) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+        if (killed / "log.jsonl").exists():
+            step = max([row["step"] for row in read_log(killed) if "loss" in row] or [0])
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = common.load_checkpoint(killed)["step"]
+    assert 3 <= saved < 16  # resumed from a checkpoint before the end
+    r = run_cli(*args, "--out", killed, "--resume")
+    assert r.returncode == 0, r.stderr
+    strip = lambda run: [{k: v for k, v in row.items() if k not in ("img_per_s", "elapsed_s")}  # noqa: E731
+                         for row in read_log(run)]
+    assert [row["step"] for row in read_log(killed) if "loss" in row] == list(range(1, 17))
+    assert strip(killed) == strip(full)  # losses, lr, top-1 / top-5 and EMA metrics, bitwise
+    a, b = common.load_checkpoint(full), common.load_checkpoint(killed)
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert all(torch.equal(a["head"]["head"][k], b["head"]["head"][k]) for k in a["head"]["head"])
+    changed = run_cli(*args, "--out", killed, "--resume", "--blr", 1e-3)
+    assert changed.returncode != 0 and "--blr 0.0005 there, 0.001 here" in changed.stderr.replace("\n", "")
 
 
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
