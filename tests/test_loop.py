@@ -1,0 +1,350 @@
+"""The training loop through the command line: gradient accumulation, DDP's no_sync, --clip-grad, the lr
+schedule, Ctrl-C, and bitwise resume of every method with drop path and a data worker.
+
+Most runs are children of one fork server (it imports cli.py once), so a run costs its training, not the
+~3 s start-up of python and torch; each child is still a process of its own, with its own files, pid and
+exit code, so it can be signalled or killed like `python cli.py`."""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+import common
+
+# Like conftest.FORK_SERVER, but answers a command with the child's pid at once (so a test can signal it while
+# it runs) and reaps it on {"wait": pid}. A command may carry a prelude, Python run in the child before cli.main.
+SERVER = r"""
+import json, os, signal, sys, traceback
+import cli
+import rich.progress, torch._dynamo, torchvision.transforms.v2  # what a run imports lazily (AdamW: dynamo), once
+for line in sys.stdin:
+    request = json.loads(line)
+    if "wait" in request:
+        print(json.dumps(os.waitstatus_to_exitcode(os.waitpid(request["wait"], 0)[1])), flush=True)
+        continue
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(request["timeout"])  # a hung command dies, and is reported as killed
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv, code = ["cli.py", *request["args"]], 1
+        try:
+            exec(request["prelude"], {})
+            cli.main(request["args"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()  # as the interpreter would print an uncaught exception
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+    print(json.dumps(pid), flush=True)
+"""
+
+# Records, before every optimiser step, the total gradient norm over all parameters (in float64), one a line.
+GRAD_NORMS = r"""
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+def record(optimizer, args, kwargs):
+    grads = [p.grad.double() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    with open({path!r}, "a") as f:
+        f.write(repr(sum((g.pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64)).sqrt().item()) + "\n")
+register_optimizer_step_pre_hook(record)
+"""
+
+
+class Server:
+    def __init__(self):
+        # one thread a run: these models are too small to gain from two, and other processes share the cores
+        env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.files = {}
+
+    def _ask(self, request):
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def start(self, *args, prelude="", timeout=300):
+        """Start `cli.py ARGS` in a child; returns its pid."""
+        args = list(map(str, args))
+        n = len(self.files)
+        files = {name: os.path.join(self.tmp.name, f"{n}.{name}") for name in ("stdout", "stderr")}
+        pid = self._ask({"args": args, "timeout": timeout, "prelude": prelude, **files})
+        self.files[pid] = args, files
+        return pid
+
+    def wait(self, pid):
+        code = self._ask({"wait": pid})
+        args, files = self.files[pid]
+        out, err = (Path(files[name]).read_text() for name in ("stdout", "stderr"))
+        return subprocess.CompletedProcess(["cli.py", *args], code, out, err)
+
+    def run(self, *args, **kwargs):
+        return self.wait(self.start(*args, **kwargs))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.tmp.cleanup()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("loop")
+
+
+def read_log(run):
+    path = Path(run) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+
+
+def losses(run):
+    return {row["step"]: row["loss"] for row in read_log(run) if "loss" in row}
+
+
+def val_losses(run):
+    return {row["step"]: row["val_loss"] for row in read_log(run) if "val_loss" in row}
+
+
+def weights(run):
+    return common.load_checkpoint(run)["model"]
+
+
+def same_weights(a, b):
+    """Equal to float rounding (rtol 1e-5), but for the key bias of attention (the middle third of qkv.bias): a
+    softmax ignores a shift shared by all keys, so its gradient is 0 but for rounding noise, which Adam rescales
+    into moves of up to a step's lr: its values differ between two summation orders by more than rounding."""
+    def part(name, w):
+        return w.view(3, -1)[[0, 2]] if name.endswith("attn.qkv.bias") else w
+    return set(a) == set(b) and all(torch.allclose(part(k, a[k]), part(k, b[k]), rtol=1e-5, atol=1e-6) for k in a)
+
+
+def close(a, b, tol=1e-5):
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+def ok(r):
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid):
+    """The child is running (not exited; a zombie, exited but not yet reaped, counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def poll_step(run, pid, until, timeout=120):
+    """Poll log.jsonl every 20 ms until a logged training step satisfies until(step); returns it, or None if
+    the run ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive(pid):
+        steps = [row["step"] for row in read_log(run) if "loss" in row]
+        if steps and until(steps[-1]):
+            return steps[-1]
+        time.sleep(0.02)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1-3: gradient accumulation, DDP no_sync, --clip-grad. 128 images, 32 per step: 4 steps/epoch, 2 epochs.
+
+BASE = ("pretrain", "mae", "--preset", "tiny", "--train-size", 128, "--val-size", 32, "--epochs", 2,
+        "--log-every", 1)
+
+
+@pytest.fixture(scope="module")
+def accum_runs(server, runs):
+    """Three runs of 8 steps with the gradient norm before every step: 32 images a step in one batch, the same
+    32 as two micro-batches of 16, and the first again with --clip-grad 0.01."""
+    spec = {"one": ("--batch-size", 32), "accum": ("--batch-size", 16, "--accum-iter", 2),
+            "clip": ("--batch-size", 32, "--clip-grad", 0.01)}
+    for name, extra in spec.items():
+        out = runs / name
+        ok(server.run(*BASE, *extra, "--out", out, prelude=GRAD_NORMS.format(path=str(out) + ".norms")))
+    norms = {name: [float(x) for x in Path(str(runs / name) + ".norms").read_text().split()] for name in spec}
+    return {name: runs / name for name in spec}, norms
+
+
+def test_gradient_accumulation_trains_like_one_big_batch(accum_runs):
+    run, norms = accum_runs
+    a, b = losses(run["one"]), losses(run["accum"])
+    assert list(a) == list(b) == list(range(1, 9))
+    # the same 32 images per step: the step's loss is the mean of its two micro-batches' (MAE: a mean over
+    # images with the same number of masked patches each)
+    assert all(close(a[s], b[s]) for s in a), (a, b)
+    lr = lambda run: [row["lr"] for row in read_log(run) if "lr" in row]
+    assert lr(run["one"]) == lr(run["accum"])  # the lr scales with the effective batch, 32 in both
+    # the gradient each optimiser step sees: the mean over the 32 images, not a sum of the micro-batches'
+    # (Adam is nearly blind to a gradient's scale, so the weights alone would not show a missing / accum_iter)
+    assert len(norms["one"]) == len(norms["accum"]) == 8  # one optimiser step per 2 micro-batches
+    assert all(close(x, y, 1e-4) for x, y in zip(norms["one"], norms["accum"])), norms
+    assert same_weights(weights(run["one"]), weights(run["accum"]))
+
+
+def test_ddp_no_sync_accumulation_matches_one_process(accum_runs, tmp_path):
+    """2 processes x 8 images x 2 micro-batches = the 32 images of one process's 16 x 2, step for step."""
+    run, _ = accum_runs
+    two = tmp_path / "two"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", 2, "--master-addr", "127.0.0.1",
+           "--master-port", free_port(), "cli.py", *BASE, "--batch-size", 8, "--accum-iter", 2, "--out", two]
+    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(run["accum"]), losses(two)
+    assert list(a) == list(b) == list(range(1, 9))
+    assert all(close(a[s], b[s]) for s in a), (a, b)
+    lr = lambda run: [row["lr"] for row in read_log(run) if "lr" in row]
+    assert lr(two) == lr(run["accum"])  # the effective batch counts the processes
+    va, vb = val_losses(run["accum"]), val_losses(two)
+    assert list(va) == list(vb) == [0, 4, 8] and all(close(va[s], vb[s]) for s in va)
+    # rank 0's weights: had the ranks not averaged their accumulated gradients, they would have drifted apart
+    assert same_weights(weights(run["accum"]), weights(two))
+    assert common.load_checkpoint(two)["world_size"] == 2
+
+
+def test_clip_grad_clips_the_total_norm(accum_runs):
+    run, norms = accum_runs
+    assert len(norms["clip"]) == 8
+    assert min(norms["one"]) > 0.05  # unclipped, every step's gradient is well above the threshold ...
+    # ... and clipped, the total norm over all parameters is brought down to 0.01 exactly (x g / (g + 1e-6))
+    assert all(abs(n - 0.01) < 1e-6 for n in norms["clip"]), norms["clip"]
+    assert losses(run["clip"])[1] == losses(run["one"])[1]  # the same first batch; only the update differs
+    assert losses(run["clip"])[8] != losses(run["one"])[8]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4-5: the schedule, and Ctrl-C. 128 images, 16 x 2 a step: 4 steps/epoch, 3 epochs, 1 of warm-up.
+
+SCHEDULE = ("pretrain", "mae", "--preset", "tiny", "--train-size", 128, "--val-size", 32, "--batch-size", 16,
+            "--accum-iter", 2, "--epochs", 3, "--warmup-epochs", 1, "--blr", 2e-3, "--min-lr", 1e-5,
+            "--log-every", 1)
+
+
+@pytest.fixture(scope="module")
+def schedule_run(server, runs):
+    out = runs / "schedule"
+    ok(server.run(*SCHEDULE, "--out", out))
+    return out
+
+
+def test_lr_is_linear_warmup_then_half_cycle_cosine(schedule_run):
+    peak, floor, warmup, total = 2e-3 * 32 / 256, 1e-5, 4, 12  # blr x effective batch / 256; 1 and 3 epochs of 4
+    expected = {}
+    for step in range(1, total + 1):
+        t = step - 1  # a logged step's lr was set before it ran, at the index of the steps done before it
+        expected[step] = peak * t / warmup if t < warmup else \
+            floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+    got = {row["step"]: row["lr"] for row in read_log(schedule_run) if "lr" in row}
+    assert list(got) == list(expected)
+    assert all(math.isclose(got[s], expected[s], rel_tol=1e-9, abs_tol=1e-15) for s in got), (got, expected)
+    assert got[1] == 0 and got[5] == peak  # (by hand: the warm-up starts at 0 and peaks as epoch 2 begins)
+
+
+def test_one_ctrl_c_saves_and_exits_130_and_the_resumed_run_is_the_uninterrupted_one(server, schedule_run, tmp_path):
+    out = tmp_path / "run"
+    pid = server.start(*SCHEDULE, "--out", out)
+    seen = poll_step(out, pid, lambda step: step >= 2)
+    assert seen is not None and seen < 10, "the run ended before it could be interrupted"
+    os.kill(pid, signal.SIGINT)
+    r = server.wait(pid)
+    assert r.returncode == 130, r.stderr[-3000:]
+    message = r.stderr.strip()
+    assert "\n" not in message and "--resume" in message and str(out) in message, message
+    stopped = common.load_checkpoint(out)["step"]
+    assert seen <= stopped <= seen + 2 and stopped == max(losses(out))  # the step in hand was finished and saved
+    ok(server.run("pretrain", "mae", "--out", out, "--resume"))
+    full, resumed = losses(schedule_run), losses(out)
+    assert list(resumed) == list(range(1, 13))
+    assert resumed == full  # bitwise, the steps after the resume included
+    assert val_losses(out) == val_losses(schedule_run)
+    a, b = weights(schedule_run), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(server, tmp_path):
+    out = tmp_path / "run"
+    # slow steps (~0.6 s: 256 images at 64 patches each): both signals land early in the step after the one
+    # just logged, well before it ends, where one Ctrl-C would stop the run gracefully
+    pid = server.start("pretrain", "mae", "--preset", "tiny", "--patch-size", 4, "--train-size", 2048,
+                       "--val-size", 16, "--batch-size", 256, "--epochs", 1, "--log-every", 1, "--ckpt-every", 1,
+                       "--out", out)
+    seen = poll_step(out, pid, lambda step: step >= 1)
+    assert seen is not None and seen <= 4, "the run ended before it could be interrupted"
+    os.kill(pid, signal.SIGINT)
+    time.sleep(0.05)  # two signals at once would be merged into one
+    os.kill(pid, signal.SIGINT)
+    r = server.wait(pid)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr, r.stderr[-3000:]
+    assert "stopped by a signal" not in r.stderr  # not the graceful stop of one Ctrl-C: it did not wait
+    last = max(losses(out))
+    assert last <= seen + 2 < 8  # it stopped mid-run, within the step the signals came in
+    ckpt = common.load_checkpoint(out)  # the checkpoint on disk is whole (it loads): one of a logged step
+    assert ckpt["step"] in losses(out) and all(torch.isfinite(w).all() for w in ckpt["model"].values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6: bitwise resume of every method with drop path and a data worker. 64 images, 8 a step: 8 steps/epoch, 2 epochs.
+
+METHOD_NAMES = ["mae", "simmim", "pr-mim", "i-mae", "revcolv2"]
+DROP_PATH = 0.1
+
+
+def resume_args(method, drop_path):
+    return ("pretrain", method, "--preset", "tiny", "--train-size", 64, "--val-size", 16, "--batch-size", 8,
+            "--epochs", 2, "--log-every", 1, "--ckpt-every", 3, "--num-workers", 1, "--drop-path", drop_path)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_killed_and_resumed_run_with_drop_path_is_bitwise_the_uninterrupted_one(server, tmp_path, method):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = resume_args(method, DROP_PATH)
+    ok(server.run(*args, "--out", full))
+    pid = server.start(*args, "--out", cut)
+    # SIGKILL right after a logged step that is neither a checkpoint (every 3rd) nor an epoch end (every 8th)
+    seen = poll_step(cut, pid, lambda step: step >= 4 and step % 3 and step % 8)
+    os.kill(pid, signal.SIGKILL)
+    killed = server.wait(pid).returncode == -signal.SIGKILL
+    assert killed and seen is not None, "the run ended before it could be killed"
+    saved = common.load_checkpoint(cut)["step"]
+    # (nearly always logged steps after the checkpoint, to be dropped and redone; equal if the kill came late)
+    assert saved % 3 == 0 and 3 <= saved <= max(losses(cut)) < 16
+    ok(server.run("pretrain", method, "--out", cut, "--resume", "--max-steps", 0, "--num-workers", 1))
+    a, b = losses(full), losses(cut)
+    assert list(b) == list(range(1, 17))  # the killed run's lines after its checkpoint were dropped, none repeated
+    differ = [s for s in range(saved + 1, 17) if a[s] != b[s]]
+    assert not differ, f"checkpoint at step {saved}; losses differ from step {differ[0]} on: " + \
+        ", ".join(f"{s}: {a[s]} vs {b[s]}" for s in differ[:3])
+    assert val_losses(cut) == val_losses(full)  # held-out loss at the epoch ends, 8 after the resume
+    wa, wb = weights(full), weights(cut)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
