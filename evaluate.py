@@ -663,8 +663,6 @@ def pretraining_summary(info):
     """What the encoder was pre-trained on, from the run folder's log.jsonl: (text, seconds or None)."""
     if info["official"]:
         return "official checkpoint", None
-    if info["ckpt"].get("finetune"):
-        return f"fine-tuned {info['ckpt']['epoch']} ep, see {info['run_dir']}", None
     train = info["train"]
     rows = []
     log = info["run_dir"] / "log.jsonl"
@@ -672,6 +670,8 @@ def pretraining_summary(info):
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     epochs = max([r["epoch"] for r in rows if "epoch" in r] or [0])
     seconds = max([r["elapsed_s"] for r in rows if "elapsed_s" in r] or [0]) or None
+    if info["ckpt"].get("finetune"):
+        return f"fine-tuned {epochs:g} ep, see {info['run_dir']}", None
     images = f"{train['train_size']:,}" if train.get("train_size") else "all"
     return f"{epochs:g} ep x {images} img, batch {train.get('batch_size', '?')}", seconds
 

@@ -1,12 +1,13 @@
 """Evaluation: finetune, linprobe, knn, visualize, the results table, official checkpoints, bad input."""
 import argparse
 import json
+import math
 import struct
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import ForkedCli, run_cli
 
 import cli
 import common
@@ -19,10 +20,18 @@ FAST = ["--train-size", "64", "--val-size", "32", "--num-workers", "0"]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def cli_run():
+    """run_cli's twin: `python cli.py ARGS` as a process of its own, forked from one that has imported cli.py, so
+    the ~3-6 s import of torch is paid once for the module's commands (conftest.ForkedCli)."""
+    with ForkedCli() as server:
+        yield server.run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cli_run):
     """One epoch of the tiny preset (8 steps) with a reconstruction picture at the end of the epoch."""
     out = tmp_path_factory.mktemp("eval") / "run"
-    r = run_cli("pretrain", "mae", "--preset", "tiny", "--epochs", "1", "--vis-every", "1", "--out", out)
+    r = cli_run("pretrain", "mae", "--preset", "tiny", "--epochs", "1", "--vis-every", "1", "--out", out)
     assert r.returncode == 0, r.stdout + r.stderr
     return out
 
@@ -40,11 +49,50 @@ def png_size(path):
     return struct.unpack(">II", data[16:24])
 
 
+def read_log(folder):
+    """The epoch rows of a result folder's log.jsonl (those with validation numbers), in order."""
+    rows = [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines() if line.strip()]
+    return [row for row in rows if "top1" in row]
+
+
+def write_folder(root, draw, classes, sizes=(("train", 16), ("val", 8)), seed=0):
+    """A tiny ImageFolder of 32-px PNGs, root/{train,val}/<class>/<i>.png; draw(k, generator) -> (3, 32, 32) in
+    [0, 1] is an image of class k."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for split, n in sizes:
+        for k, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = (draw(k, g).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+                Image.fromarray(img).save(root / split / name / f"{i}.png")
+    return root
+
+
+def colour_image(k, g):  # red, green, blue or yellow, a random tint and a little pixel noise
+    base = torch.tensor([[1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0], [1.0, 1.0, 0.1]])[k].view(3, 1, 1)
+    return 0.7 * base + 0.3 * torch.rand(3, 1, 1, generator=g) + 0.05 * torch.randn(3, 32, 32, generator=g)
+
+
+def grain_image(k, g):  # a flat random colour, smooth (0) or grainy (1): the colour, which varies most, is no clue
+    return 0.2 + 0.6 * torch.rand(3, 1, 1, generator=g) + 0.25 * k * torch.randn(3, 32, 32, generator=g)
+
+
 @pytest.fixture(scope="module")
-def knn_results(tiny_run):
+def colours(tmp_path_factory):
+    """Four classes that differ by colour: any encoder's features separate them, so a head that learns, learns."""
+    return write_folder(tmp_path_factory.mktemp("colours"), colour_image, ("red", "green", "blue", "yellow"))
+
+
+COLOURS = ["--data", "folder", "--train-size", "0", "--val-size", "0", "--num-workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def knn_results(tiny_run, cli_run):
     """knn of the tiny run, and of a random-init encoder of its architecture (seed 1)."""
     for extra in ([], ["--random-init", "--seed", "1"]):
-        r = run_cli("knn", tiny_run, *FAST, *extra)
+        r = cli_run("knn", tiny_run, *FAST, *extra)
         assert r.returncode == 0, r.stdout + r.stderr
     return tiny_run / "eval"
 
@@ -58,32 +106,128 @@ def test_knn_cli_and_random_init(knn_results):
     assert trained["encoder"] == floor["encoder"] and floor["seed"] == 1
 
 
-def test_linprobe_cli(tiny_run, tmp_path):
-    r = run_cli("linprobe", tiny_run, *FAST, "--epochs", "3", "--out", tmp_path / "probe")
-    assert r.returncode == 0, r.stdout + r.stderr
-    result = read_result(tmp_path / "probe")
-    log = [json.loads(line) for line in (tmp_path / "probe" / "log.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in log] == [1, 2, 3] and log[-1]["top1"] == result["metrics"]["top1"]
-    assert result["settings"] == "linear probe 3 ep"
+def test_knn_sees_what_training_taught_the_encoder(tmp_path, cli_run):
+    """Smooth or grainy flat colours: the features of a random-init encoder follow the colour, which is no
+    clue, so its kNN is near chance; the same encoder after 100 supervised steps on the grain (in this
+    process: the fastest way to give a tiny ViT a real feature) must score far above it. Both through the CLI;
+    the floor is the trained encoder's own init (seed 0)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    data = write_folder(tmp_path / "grain", grain_image, ("smooth", "grainy"), (("train", 32), ("val", 32)))
+    train = common.load_dataset("folder", "train", data)
+    tf = common.transform("folder", 32, False)  # the images as knn sees them
+    imgs, labels = torch.stack([tf(img) for img, _ in train]), torch.tensor([label for _, label in train])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: faster on one thread, the more so on a shared machine
+    try:
+        torch.manual_seed(0)
+        model = mae.MAE(mae.Config(**TINY))
+        clf = evaluate.Classifier(model, model.cfg.embed_dim, 2)
+        optimizer = torch.optim.AdamW(clf.parameters(), lr=3e-3)
+        for _ in range(100):
+            idx = torch.randint(0, len(imgs), (32,))
+            loss = F.cross_entropy(clf(imgs[idx]), labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    (tmp_path / "run").mkdir()
+    torch.save({"model": model.state_dict(), "method": "mae", "config": dataclasses.asdict(model.cfg),
+                "train": {"data": "folder", "data_dir": str(data)}, "code": {"mae.py": Path(mae.__file__).read_text()}},
+               tmp_path / "run" / "checkpoint.pt")
+    for extra in ([], ["--random-init"]):
+        r = cli_run("knn", tmp_path / "run", "--num-workers", "0", *extra)
+        assert r.returncode == 0, r.stdout + r.stderr
+    trained = read_result(tmp_path / "run" / "eval" / "knn-folder-s0")["metrics"]
+    floor = read_result(tmp_path / "run" / "eval" / "knn-random-init-folder-s0")["metrics"]
+    assert trained["train_images"] == 64 and trained["val_images"] == 64  # chance: 0.5
+    # (measured, 5 seeds of data and init: floor 0.48-0.64, trained 0.84-1.0)
+    assert floor["top1"] <= 0.75 and trained["top1"] >= 0.8 and trained["top1"] >= floor["top1"] + 0.2, (trained, floor)
 
 
-def test_finetune_cli_with_ema(tiny_run, tmp_path):
-    r = run_cli("finetune", tiny_run, "--train-size", "32", "--val-size", "32", "--num-workers", "0", "--epochs", "2", "--batch-size", "16", "--ema", "0.9",
-                "--out", tmp_path / "ft")
+@pytest.fixture(scope="module")
+def probes(tiny_run, colours, tmp_path_factory, cli_run):
+    """linprobe of the tiny run on the colours, 4 epochs of 4 steps, without and with --augment (the same seed)."""
+    out = tmp_path_factory.mktemp("probes")
+    for name, extra in (("plain", []), ("augment", ["--augment"])):
+        r = cli_run("linprobe", tiny_run, *COLOURS, "--data-dir", colours, "--epochs", "4", "--warmup-epochs", "0",
+                    "--batch-size", "16", "--blr", "1", *extra, "--out", out / name)
+        assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+def test_linprobe_cli(probes):
+    """The probe learns: its training loss falls far below that of a head that guesses (ln 4), its accuracy is
+    far above chance (0.25), and its saved weights are far from their init (trunc normal, std 0.01)."""
+    result, log = read_result(probes / "plain"), read_log(probes / "plain")
+    assert [row["epoch"] for row in log] == [1, 2, 3, 4] and log[-1]["top1"] == result["metrics"]["top1"]
+    assert result["settings"] == "linear probe 4 ep" and result["metrics"]["train_images"] == 64
+    assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"] and log[-1]["train_loss"] < 0.2 * math.log(4), log
+    assert result["metrics"]["top1"] >= 0.9, log
+    head = torch.load(probes / "plain" / "probe.pt", weights_only=True)["probe"]["head.weight"]  # (4, D)
+    assert head.shape == (4, 64) and head.std() > 0.05
+
+
+def test_linprobe_augment(probes):
+    """--augment runs, logs every epoch and is marked; with the same seed (the same probe init and batch order)
+    only its new crops every epoch tell it from the plain run, so every epoch's training loss differs."""
+    result, log, plain = read_result(probes / "augment"), read_log(probes / "augment"), read_log(probes / "plain")
+    assert [row["epoch"] for row in log] == [1, 2, 3, 4] and log[-1]["top1"] == result["metrics"]["top1"]
+    assert result["settings"] == "linear probe 4 ep, augmented" and (probes / "augment" / "probe.pt").is_file()
+    assert all(a["train_loss"] != b["train_loss"] for a, b in zip(log, plain)), (log, plain)
+    assert result["metrics"]["top1"] >= 0.9 and log[-1]["train_loss"] < 0.5 * log[0]["train_loss"], log
+
+
+def test_finetune_cli_with_ema(tiny_run, tmp_path, cli_run):
+    """One step per epoch, and the warm-up starts at lr 0, so step 1 leaves the weights at their start p0 and
+    step 2 moves them to p2: the EMA with decay 0.9 is then exactly 0.9 p0 + 0.1 p2 (whether it starts from the
+    weights after step 1, as torch's AveragedModel, or from the initial ones, as timm's ModelEma)."""
+    r = cli_run("finetune", tiny_run, "--train-size", "32", "--val-size", "32", "--num-workers", "0", "--epochs", "2",
+                "--batch-size", "32", "--warmup-epochs", "1", "--blr", "5e-2", "--ema", "0.9", "--out", tmp_path / "ft")
     assert r.returncode == 0, r.stdout + r.stderr
     result = read_result(tmp_path / "ft")
-    log = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == [2, 4]  # 32 images / 16 per step, 2 epochs
-    assert all(0 <= row["top1"] <= row["top5"] <= 1 and "ema_top1" in row for row in log)
+    log = read_log(tmp_path / "ft")
+    assert [row["step"] for row in log] == [1, 2]  # 32 images / 32 per step, 2 epochs
+    assert all(0 <= row["top1"] <= row["top5"] <= 1 and 0 <= row["ema_top1"] <= row["ema_top5"] <= 1 for row in log)
+    ckpt = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=False)
+    start = torch.load(tiny_run / "checkpoint.pt", weights_only=False)["model"]
+    live, ema = ckpt["model"], ckpt["ema"]
+    for name in ("blocks.0.attn.qkv.weight", "norm.weight"):  # the encoder was trained (Adam: ~lr = 6e-3 per weight)
+        assert (live[name] - start[name]).abs().mean() > 5e-4, name
+    for name in live:  # trained and frozen weights alike (decoder, buffers)
+        assert torch.allclose(ema[f"encoder.{name}"], 0.9 * start[name] + 0.1 * live[name], atol=1e-6, rtol=0), name
+    fc_norm = ckpt["head"]["fc_norm"]  # the head's LayerNorm starts at weight 1, bias 0
+    assert torch.allclose(ema["fc_norm.weight"], 0.9 + 0.1 * fc_norm["weight"], atol=1e-6, rtol=0)
+    assert torch.allclose(ema["fc_norm.bias"], 0.1 * fc_norm["bias"], atol=1e-6, rtol=0)
+    # the EMA numbers are the EMA's: the same weights as the live ones after step 1, others after step 2
+    assert log[0]["ema_val_loss"] == pytest.approx(log[0]["val_loss"], abs=1e-6)
+    assert log[1]["ema_val_loss"] != pytest.approx(log[1]["val_loss"], abs=1e-5)
+    assert result["metrics"]["ema_top1"] == log[1]["ema_top1"]
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["model_config"]["drop_path"] == 0.1
     # the fine-tuned encoder is a checkpoint of ours: the other evaluations read it
     model, info = evaluate.load_model(tmp_path / "ft", cli.METHODS)
-    assert evaluate.pretraining_summary(info)[0].startswith("fine-tuned 2 ep")
     assert info["ckpt"]["head"]["head"]["weight"].shape == (8, model.cfg.embed_dim)
+    assert evaluate.pretraining_summary(info)[0].startswith("fine-tuned 2 ep")
 
 
-def test_visualize_cli_writes_png_of_the_right_size(tiny_run, tmp_path):
-    r = run_cli("visualize", tiny_run, "--num-images", "3", "--out", tmp_path / "v.png", *FAST)
+def test_finetune_learns_a_learnable_task(tiny_run, colours, tmp_path, cli_run):
+    """3 epochs of 4 steps on the colours (no mixup, cutmix, RandAugment or erasing, to learn fast): far above
+    chance (0.25), and the validation loss falls well below that of a head that guesses (ln 4)."""
+    r = cli_run("finetune", tiny_run, *COLOURS, "--data-dir", colours, "--epochs", "3", "--batch-size", "16",
+                "--warmup-epochs", "0", "--blr", "3e-2", "--mixup", "0", "--cutmix", "0", "--randaug-n", "0",
+                "--reprob", "0", "--smoothing", "0", "--out", tmp_path / "ft")
+    assert r.returncode == 0, r.stdout + r.stderr
+    result, log = read_result(tmp_path / "ft"), read_log(tmp_path / "ft")
+    assert [row["epoch"] for row in log] == [1, 2, 3] and result["metrics"]["top1"] == log[-1]["top1"]
+    assert result["metrics"]["top1"] >= 0.9, log
+    assert log[-1]["val_loss"] < min(log[0]["val_loss"] - 0.1, 0.75 * math.log(4)), log
+
+
+def test_visualize_cli_writes_png_of_the_right_size(tiny_run, tmp_path, cli_run):
+    r = cli_run("visualize", tiny_run, "--num-images", "3", "--out", tmp_path / "v.png", *FAST)
     assert r.returncode == 0, r.stdout + r.stderr
     # 3 rows x 4 columns of 32-px images enlarged 4x (the default: about 128 px)
     assert png_size(tmp_path / "v.png") == evaluate.grid_size(3, 4, 128)
@@ -106,22 +250,44 @@ def test_visualize_masks_are_seedable_and_norm_pix_is_labelled():
     assert "TRUE mean and std" in note  # norm_pix_loss is on: de-normalised with the true statistics
     _, raw_note = evaluate.reconstructions(model, data, "shapes", 32, draw, n=4, seed=0, norm_pix="raw")
     assert "normalised space" in raw_note
-    # where nothing is masked, "recon + visible" is the original image
-    visible = (cols0[1][1] == cols0[0][1]).all(dim=1)  # (B, H, W): pixels the masked input kept
-    assert torch.allclose(cols0[3][1].permute(1, 0, 2, 3)[:, visible], cols0[0][1].permute(1, 0, 2, 3)[:, visible], atol=1e-5)
+    # the columns against a mask the test chooses: every image keeps the 4 patches of least noise (mask ratio
+    # 0.75), here patches 1, 4, 6 and 15 of the 4 x 4 grid of 8-px patches (row-major)
+    noise = torch.ones(16)
+    noise[[1, 4, 6, 15]] = 0
+    columns, _ = evaluate.reconstructions(model, data, "shapes", 32, lambda g: {"noise": noise}, n=4)
+    (label, original), (_, masked), (_, recon), (_, pasted) = columns[:4]
+    assert label == "original" and columns[1][0] == "masked (75%)"
+    visible = torch.zeros(32, 32, dtype=torch.bool)
+    for j in (1, 4, 6, 15):
+        visible[8 * (j // 4) : 8 * (j // 4 + 1), 8 * (j % 4) : 8 * (j % 4 + 1)] = True
+    images = torch.stack([data[i][0] for i in range(4)])  # (4, 3, 32, 32): the raw images, in [0, 1]
+    assert torch.allclose(original, images, atol=1e-5)
+    assert torch.allclose(masked[..., visible], images[..., visible], atol=1e-5)
+    assert (masked[..., ~visible] == 0.5).all()  # masked patches grey
+    assert torch.allclose(pasted[..., visible], images[..., visible], atol=1e-5)  # recon + the visible patches
+    assert torch.equal(pasted[..., ~visible], recon[..., ~visible])
+    assert (recon - images).abs()[..., visible].mean() > 0.05  # (so the pasting shows: an untrained model's guess)
 
 
 def test_boolean_inputs_are_drawn_as_an_overlay():
     model = mae.MAE(mae.Config(**TINY))
     data = common.load_dataset("shapes", "val", size=2, img_size=32)
 
+    thrown = torch.zeros(16, dtype=torch.bool)
+    thrown[[1, 2]] = True  # patches 1 and 2: the first row, second and third columns
+
     def draw(generator):  # a method whose per-sample inputs include a boolean (N,) tensor
-        inputs = mae.sample_inputs(model.cfg, generator)
-        return {**inputs, "thrown": inputs["noise"] > 0.9}
+        return {**mae.sample_inputs(model.cfg, generator), "thrown": thrown}
 
     model.forward = lambda imgs, noise, thrown: mae.MAE.forward(model, imgs, noise=noise)
     columns, _ = evaluate.reconstructions(model, data, "shapes", 32, draw, n=2)
     assert [c[0] for c in columns][-1] == "thrown (red)" and len(columns) == 5
+    masked, overlay = columns[1][1], columns[-1][1]
+    where = torch.zeros(32, 32, dtype=torch.bool)
+    where[:8, 8:24] = True
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1)
+    assert torch.equal(overlay[..., ~where], masked[..., ~where])
+    assert torch.allclose(overlay[..., where], 0.4 * masked[..., where] + 0.6 * red, atol=1e-6)
 
 
 def test_layer_decay_assigns_the_documented_lr_to_each_block():
@@ -188,13 +354,13 @@ def official_checkpoint(path, full=False):
     return model
 
 
-def test_official_encoder_only_checkpoint(tmp_path):
+def test_official_encoder_only_checkpoint(tmp_path, cli_run):
     ours = official_checkpoint(tmp_path / "official.pth")
     loaded, info = evaluate.load_model(tmp_path / "official.pth", cli.METHODS, "mae")
     assert info["official"] and loaded.cfg.embed_dim == 192 and loaded.cfg.num_heads == 3 and loaded.cfg.depth == 2
     imgs = torch.randn(2, 3, 32, 32)
     assert torch.allclose(loaded.eval().forward_features(imgs), ours.eval().forward_features(imgs), atol=1e-6)
-    r = run_cli("knn", tmp_path / "official.pth", "--data", "shapes", *FAST, "--out", tmp_path / "knn")
+    r = cli_run("knn", tmp_path / "official.pth", "--data", "shapes", *FAST, "--out", tmp_path / "knn")
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((tmp_path / "knn" / "result.json").read_text())["pretraining"] == "official checkpoint"
     full = official_checkpoint(tmp_path / "full.pth", full=True)  # official *_full.pth: with the decoder
@@ -202,7 +368,7 @@ def test_official_encoder_only_checkpoint(tmp_path):
     assert loaded.cfg.decoder_depth == 1 and loaded.cfg.decoder_embed_dim == 64 and loaded.cfg.norm_pix_loss is True
     noise = torch.rand(2, 16)
     assert torch.equal(loaded.eval()(imgs, noise=noise)[1], full.eval()(imgs, noise=noise)[1])
-    r = run_cli("visualize", tmp_path / "official.pth", "--data", "shapes", *FAST)
+    r = cli_run("visualize", tmp_path / "official.pth", "--data", "shapes", *FAST)
     assert r.returncode == 2 and "lacks weights of the whole model" in r.stderr and "Traceback" not in r.stdout + r.stderr
 
 
@@ -240,8 +406,8 @@ def test_results_table_and_readme(tmp_path):
     assert "| simmim |" not in readme.read_text()
 
 
-def test_results_cli_reads_result_folders(knn_results, tmp_path):
-    r = run_cli("results", knn_results)
+def test_results_cli_reads_result_folders(knn_results, tmp_path, cli_run):
+    r = cli_run("results", knn_results)
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("knn-shapes-s0", "knn-random-init-shapes-s1"):  # one row: the trained number beside its floor
         top1 = json.loads((knn_results / name / "result.json").read_text())["metrics"]["top1"]
