@@ -165,9 +165,10 @@ def run_pretrain(method, preset, model, **options):
     sample_inputs = sample_inputs and _Bound(sample_inputs, cfg)
     files = [module.__file__, common.__file__]
 
-    def picture(model, path, title):  # --vis-every: reconstructions of the first held-out images
-        evaluate.save_reconstructions(model, val_set, tcfg.data, cfg.img_size, sample_inputs, path, tcfg.seed,
-                                      title=title)
+    def picture(model, path, title):  # --vis-every: reconstructions of the first held-out images; path on rank 0
+        columns, note = evaluate.reconstructions(model, val_set, tcfg.data, cfg.img_size, sample_inputs, seed=tcfg.seed)
+        if path:
+            evaluate.save_grid(columns, path, f"{title} {note}; masks seed {tcfg.seed}")
 
     try:
         out = common.pretrain(net, cfg, tcfg, train_set, val_set, method, files, sample_inputs, console, picture)

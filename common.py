@@ -690,6 +690,12 @@ def all_reduce_sum(x, world):
     return x
 
 
+def all_reduce_max(x, world):
+    if world > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def setup(tcfg):
     """(rank, world size, device) of this process, with TF32 matmuls allowed on a GPU."""
     rank, world, local_rank = distributed()
@@ -699,6 +705,15 @@ def setup(tcfg):
 
 def autocast_dtype(amp, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp] if device.type == "cuda" else None
+
+
+def epoch_steps(images, world, tcfg):
+    """Optimiser steps in an epoch of `images` training images; a ValueError if not even one."""
+    steps = images // world // (tcfg.batch_size * tcfg.accum_iter)
+    if steps == 0:
+        raise ValueError(f"{images} training images are fewer than one step needs "
+                         f"({tcfg.batch_size * tcfg.accum_iter * world}): lower --batch-size or use more data")
+    return steps
 
 
 def train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_state, meta, ckpt=None, ema=None,
@@ -726,10 +741,7 @@ def train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_
     amp_dtype = autocast_dtype(tcfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     images_per_step = tcfg.batch_size * tcfg.accum_iter  # per process
-    steps_per_epoch = sampler.n // world // images_per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{sampler.n} training images are fewer than one step needs ({images_per_step * world}): "
-                         f"lower --batch-size or use more data")
+    steps_per_epoch = epoch_steps(sampler.n, world, tcfg)
     total_steps, warmup_steps = tcfg.epochs * steps_per_epoch, tcfg.warmup_epochs * steps_per_epoch
     stop = min(total_steps, tcfg.max_steps) if tcfg.max_steps else total_steps
     peak_lr = tcfg.lr or tcfg.blr * images_per_step * world / 256
@@ -866,15 +878,22 @@ def evaluate_loss(model, loader, device, amp_dtype, world, seed=0):
     the number is comparable across epochs and the training randomness is left untouched."""
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses x images, images)
+    count = all_reduce_max(torch.tensor(len(loader), device=device), world)  # a process may hold one batch fewer
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for imgs, labels, inputs in loader:
+        batches, batch = iter(loader), None
+        for _ in range(int(count)):
+            # a process out of batches still runs the model, on an empty batch, so that a method gathering the
+            # batch across processes (common.gather_batch) finds every process there
+            batch = next(batches, None) or [batch[0][:0], batch[1][:0], {k: v[:0] for k, v in batch[2].items()}]
+            imgs, labels, inputs = batch
             if "labels" in inspect.signature(model.forward).parameters:
-                inputs["labels"] = labels
+                inputs = {**inputs, "labels": labels}
             imgs, inputs = imgs.to(device), {k: v.to(device) for k, v in inputs.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = model(imgs, **inputs)[0]
-            total += torch.stack([loss.double() * len(imgs), torch.tensor(len(imgs), device=device)])
+            if len(imgs):
+                total += torch.stack([loss.double() * len(imgs), torch.tensor(len(imgs), device=device)])
     model.train()
     total = all_reduce_sum(total, world)
     return (total[0] / total[1].clamp(min=1)).item()
@@ -884,11 +903,13 @@ def pretrain(model, cfg, tcfg, train_set, val_set, method, code_files, sample_in
     """Pre-train `model` and return the run folder. The model is called as model(imgs, **inputs) ->
     (loss, pred, mask), with inputs = sample_inputs(generator) of each sample, collated, plus
     labels=(B,) if its forward has a `labels` parameter. Held-out loss before training and after each
-    epoch; picture(model, path, title), if given, draws reconstructions every --vis-every epochs.
+    epoch; picture(model, path, title), if given, draws reconstructions every --vis-every epochs (called on
+    every process, with path None but on rank 0).
 
     Writes config.json, log.jsonl and checkpoint.pt (model, optimiser, scaler, step, configs, method and
     common.py source, git hash) in tcfg.out."""
     rank, world, device = setup(tcfg)
+    epoch_steps(len(train_set), world, tcfg)  # before anything is written
     out = Path(tcfg.out)
     model.to(device)
     ckpt = None
@@ -915,8 +936,9 @@ def pretrain(model, cfg, tcfg, train_set, val_set, method, code_files, sample_in
 
     def end_of_epoch(epoch):
         val_loss = evaluate_loss(model, val_loader, device, autocast_dtype(tcfg.amp, device), world, seed=tcfg.seed)
-        if picture and rank == 0 and tcfg.vis_every and epoch and epoch % tcfg.vis_every == 0:
-            picture(model, out / f"vis-epoch{epoch:04d}.png", f"{method}, epoch {epoch}, held-out images.")
+        if picture and tcfg.vis_every and epoch and epoch % tcfg.vis_every == 0:  # every process runs the model,
+            path = out / f"vis-epoch{epoch:04d}.png" if rank == 0 else None  # as above; rank 0 draws
+            picture(model, path, f"{method}, epoch {epoch}, held-out images.")
         return {"val_loss": val_loss}
 
     return train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, lambda: {"model": model.state_dict()},

@@ -449,7 +449,7 @@ def layer_id(name, encoder_blocks, depth):
     if name.startswith("patch_embed") or name in ("cls_token", "pos_embed"):
         return 0
     if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
+        return int(name.split(".")[1]) + 1  # DEVIATION: a RevColV2 column is one layer (v1: level + column)
     if name.startswith("decoder_blocks."):
         return encoder_blocks + int(name.split(".")[1]) + 1
     return depth + 1
@@ -828,9 +828,7 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
         clip_grad=fcfg.clip_grad, seed=ecfg.seed, num_workers=ecfg.num_workers, amp=fcfg.amp, log_every=fcfg.log_every,
         ckpt_every=fcfg.ckpt_every, max_steps=fcfg.max_steps, out=str(out), resume=fcfg.resume, device=ecfg.device)
     rank, world, device = common.setup(tcfg)
-    if fcfg.batch_size * fcfg.accum_iter * world > len(train_set):
-        raise ValueError(f"{len(train_set)} training images are fewer than one step needs "
-                         f"({fcfg.batch_size * fcfg.accum_iter * world}): lower --batch-size or use more data")
+    common.epoch_steps(len(train_set), world, tcfg)  # before anything is written
     ckpt = None
     if fcfg.resume:
         ckpt = common.load_checkpoint(out / "checkpoint.pt")

@@ -28,9 +28,9 @@ Deviations from the paper and the official code:
   released 1.0: the released setting pairs by ground-truth labels, which a self-supervised run, compared
   with MAE on the same data, must not see. `--same-class-prob 1` restores it.
 - λ is the λ draw of the batch's sample with the smallest pairing key, not np.random.beta(1, 1) in the loop:
-  the same U[0, 1], but fixed by the samples, so runs resume exactly; in training the batch is gathered from
-  every process, so N processes pair and mix exactly as one process with the same global batch would
-  (the official code draws a λ per process). The held-out loss pairs within each process's share.
+  the same U[0, 1], but fixed by the samples, so runs resume exactly; the batch is gathered from every
+  process (in training and for the held-out loss), so N processes pair and mix exactly as one process with
+  the same global batch would (the official code draws a λ per process).
 - Without `--teacher` the run trains without the distillation terms (the paper's "i-MAE without
   distillation", Fig. 3c) and says so at start. The student starts from scratch unless
   `--init-from-teacher` (the official ImageNet recipe: all MAE weights, both heads from `decoder_embed`).
@@ -293,8 +293,8 @@ class IMAE(nn.Module):
         noise = torch.rand(B, self.num_patches, device=imgs.device) if noise is None else noise  # (B, N)
         pairing = torch.rand(B, 3, device=imgs.device) if pairing is None else pairing  # (B, 3)
         labels = torch.arange(B, device=imgs.device) if labels is None else labels  # no labels: no class pairs
-        # in training, partners come from the batch of every process: N processes pair as one would
-        batch = common.gather_batch(imgs, labels, pairing) if self.training else (imgs, labels, pairing, 0)
+        # partners come from the batch of every process (training and held-out loss): N processes pair as one would
+        batch = common.gather_batch(imgs, labels, pairing)  # in one process: the batch itself, start 0
         all_imgs, all_labels, all_pairing, start = batch  # (B_all, C, H, W), (B_all,), (B_all, 3), int
         partner, lam = pair_up(all_pairing, all_labels, self.cfg.same_class_prob)  # (B_all,), one λ per batch
         imgs_mix, x_sub, x_dom = mix(imgs, all_imgs[partner[start : start + B]], lam)  # (B, C, H, W) each

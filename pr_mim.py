@@ -26,7 +26,11 @@ Changes relative to mae.py:
 
 Deviations from the paper and the official code:
 - `kernel_size` defaults to 7: Tab. 11 tries five sizes and the middle one wins, but the sizes are
-  lost from the text we have; 7 is the middle of the usual 3-11.
+  lost from the text we have; 7 is the middle of the usual 3-11. Kept at every preset, though at 32 or
+  64 px (8 x 8 grid) it spans almost the whole grid (4 x 4 at `tiny`: all of it), where the paper
+  (Sec. 3.3) finds an excessive receptive field sub-optimal; `--kernel-size 3` keeps it local there.
+- The conv's output replaces every token, so the visible and retained tokens are predicted through it
+  too (no residual); the text has it rebuild the thrown tokens and leaves the others' path open.
 - The paper does not say how furthest sampling breaks ties between equally far tokens; we break them
   at random (the lowest index would favour the top-left of the grid).
 - `mask_ratio` 0 means the base's own ratio: 0.75 (MAE) or 0.6 (SimMIM). gamma N is rounded down.
@@ -202,7 +206,7 @@ class PRMIM(nn.Module):
         else:  # SimMIM: a mask token of the encoder's width (simmim.py)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         # --- PR-MIM progressive reconstruction: a depth-wise conv over the grid (Sec. 3.2, Tab. 12) ---
-        k = cfg.kernel_size
+        k = cfg.kernel_size  # DEVIATION: 7 at every preset, almost the whole 8 x 8 grid at 32 px (see Deviations)
         progressive = cfg.progressive and cfg.throw > 0  # throw 0 is plain MAE (Tab. 2, first row)
         self.spatial_aggregation = nn.Conv2d(width, width, k, padding=k // 2, groups=width) if progressive else None
         self.decoder_norm = nn.LayerNorm(width, eps=1e-6) if cfg.base == "mae" else nn.Identity()
@@ -250,7 +254,7 @@ class PRMIM(nn.Module):
         x = x_.scatter(1, ids_dec.unsqueeze(-1).expand(-1, -1, x.shape[2]), x[:, 1:, :])  # (B, N, D_dec), cls dropped
         if self.spatial_aggregation is not None:  # a depth-wise conv rebuilds each thrown token from its neighbours
             x = rearrange(x, "b (h w) d -> b d h w", h=self.patch_embed.grid_size)  # (B, D_dec, H/P, W/P)
-            x = rearrange(self.spatial_aggregation(x), "b d h w -> b (h w) d")  # (B, N, D_dec)
+            x = rearrange(self.spatial_aggregation(x), "b d h w -> b (h w) d")  # (B, N, D_dec) DEVIATION: all tokens
         x = self.decoder_norm(x)  # then the norm and linear predictor of MAE (Sec. 3.2)
         x = self.decoder_pred(x)  # (B, N, P*P*C)
         return x

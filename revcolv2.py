@@ -11,9 +11,10 @@ each with L levels of ViT blocks at one width on one token grid; level k of colu
 below it in the same column and the level above it in the previous column, and adds a per-channel
 scaled copy of its own previous value: y = F(lower, upper_prev) + alpha * y_prev. With alpha != 0 the
 previous column is recomputed exactly from the next one, y_prev = (y - F) / alpha, so no column loses
-information and training need not store activations. Bottom-up columns run on the visible 25% of the
-patches; at the boundary every level gets its own learned mask token at the hidden positions; top-down
-columns run on all patches; level 0 of the last column predicts the hidden pixels (MAE's loss). That
+information and backward need not store the activations inside a column; each column still keeps its
+outputs, so memory grows by one set of level maps per column. Bottom-up columns run on the visible 25%
+of the patches; at the boundary every level gets its own learned mask token at the hidden positions;
+top-down columns run on all patches; level 0 of the last column predicts the hidden pixels (MAE's loss). That
 detail-level target pushes semantics up the levels, and classification reads the top level of the
 same last column: nothing is thrown away.
 
@@ -38,6 +39,9 @@ Deviations from the paper and the official code:
 - ReversibleColumn returns parameter gradients from backward (official: accumulates them with
   torch.autograd.backward inside backward), so torch.autograd.grad and DDP see them as usual.
 - The masking noise is drawn per sample in the data workers (`sample_inputs`), as in mae.py.
+- Assumed, unverified for V2: `mask_ratio` 0.75 and the `norm_pix_loss` target are MAE's (notes 2.2).
+- Fine-tuning's layer decay (evaluate.py, `layer_id`) gives a whole column one rate (blocks.j, then
+  decoder_blocks.j, one layer each); RevCol v1 ranks a layer by its level plus its column index.
 
 Usage: python cli.py pretrain revcolv2 --preset cifar
 """
@@ -62,8 +66,8 @@ class Config:
     encoder_columns: int = 2  # bottom-up columns, on the visible patches (count unverified)
     decoder_columns: int = 2  # top-down columns, on all patches (count unverified)
     mlp_ratio: float = 4.0  # MLP hidden width / width
-    norm_pix_loss: bool = True  # per-patch normalised pixels as the target (MAE paper, Tab. 1c)
-    mask_ratio: float = 0.75  # fraction of patches removed (MAE paper, Fig. 5)
+    norm_pix_loss: bool = True  # per-patch normalised pixels as the target (MAE Tab. 1c; assumed for V2, unverified)
+    mask_ratio: float = 0.75  # fraction of patches removed (MAE Fig. 5; assumed for V2, unverified)
     drop_path: float = 0.0  # stochastic depth, by block position within a column (official revcol.py)
     alpha_init: float = 0.5  # initial reversible scale alpha (official: shortcut_scale_init_value)
     alpha_min: float = 0.1  # |alpha| is clamped to at least this, sign kept (official: 1e-3; see README)

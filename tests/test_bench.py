@@ -2,6 +2,7 @@
 counted once per storage, ratios, BENCH_VARIANTS rows, and the command line."""
 import ast
 import json
+import time
 
 import pytest
 import torch
@@ -115,14 +116,70 @@ def test_cli_bench_table_skips_impossible_variants_and_refuses_bad_options():
 
 def test_cli_bench_data_measures_the_loader_alone():
     """`bench --data`: images per second of the pre-training loader (augmentation and masks in a worker).
-    (A missing data folder and other bad --data input: tests/test_cli_errors.py.)"""
+    Checked against the wall time this test measures around the command: the timed part lies inside it, so
+    the rate is at least the images counted over the whole command's time. The rate itself against a known
+    per-batch time: the next test. (A missing data folder and other bad --data input: tests/test_cli_errors.py.)"""
+    tick = time.perf_counter()
     result = run_cli("bench", "mae", "--preset", "tiny", "--data", "shapes", "--num-workers", 1, "--batches", 3,
                      "--json", env=ONE_THREAD)
+    wall = time.perf_counter() - tick
     assert result.returncode == 0, result.stderr + result.stdout
     row = json.loads(result.stdout)
     assert row["data"] == "shapes" and row["batch_size"] == 32 and row["num_workers"] == 1  # the preset's batch
     assert row["batches"] == 3 and row["warmup_batches"] == 2  # 2 per worker are not timed
-    assert row["images_per_s"] > 0 and abs(row["images_per_s"] * row["seconds"] - 3 * 32) < 1e-6
+    assert row["images"] == 256 and row["img_size"] == 32  # the tiny preset's training set and size
+    assert 0 < row["seconds"] < wall and row["images_per_s"] > 3 * 32 / wall
+    assert row["images_per_s"] * row["seconds"] == pytest.approx(3 * 32)  # images counted: batches x batch size
+    assert row["ms_per_batch"] == pytest.approx(row["seconds"] / 3 * 1e3)
+
+
+def test_loader_throughput_times_the_pretraining_loaders_batches_after_the_warmup(monkeypatch):
+    """bench.loader_throughput on the real pre-training loader (common.pretrain_loader), slowed by a known delay per
+    batch: 0.5 s for each warm-up batch, 0.1 s for each timed one, and each batch's real time measured here. The
+    rate must be the timed batches' images over their time (so warm-up is left out and every image counts),
+    within 25% for the overhead between batches; the batches bench pulls are the loader's augmented images, with
+    the method's masks, across an epoch boundary (64 images, batch 32: 2 batches an epoch)."""
+    cfg, _ = cli.resolve(mae, "tiny", None, {})
+    train_set = common.load_dataset("shapes", "train", "data", 64, cfg.img_size)
+    real_loader, pulled, warmup, timed = common.pretrain_loader, [], 2, 3
+
+    class Slowed:  # the loader, each batch `delay` seconds later; records what was pulled and how long it took
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            it = iter(self.loader)
+            while True:
+                tick = time.perf_counter()
+                batch = next(it, None)
+                if batch is None:
+                    return
+                time.sleep(0.5 if len(pulled) < warmup else 0.1)
+                pulled.append((batch, time.perf_counter() - tick))
+                yield batch
+
+    def slowed_pretrain_loader(*args, **kwargs):
+        loader, sampler = real_loader(*args, **kwargs)
+        return Slowed(loader), sampler
+
+    monkeypatch.setattr(common, "pretrain_loader", slowed_pretrain_loader)
+    result = bench.loader_throughput(train_set, "shapes", cfg.img_size, lambda g: mae.sample_inputs(cfg, g),
+                                     32, timed, warmup, 0, "cpu")
+    assert len(pulled) == warmup + timed  # exactly the warm-up and the timed batches were drawn
+    expected = timed * 32 / sum(seconds for _, seconds in pulled[warmup:])
+    assert expected / 1.25 < result["images_per_s"] <= expected * 1.001, (result, expected)
+    assert result["images_per_s"] * result["seconds"] == pytest.approx(timed * 32)
+    evaluation = common.transform("shapes", cfg.img_size, False)
+    plain = torch.stack([evaluation(train_set[i][0]) for i in range(len(train_set))])  # (64, 3, 32, 32), un-augmented
+    for (imgs, labels, inputs), _ in pulled:
+        assert imgs.shape == (32, 3, 32, 32) and labels.shape == (32,) and inputs["noise"].shape == (32, 16)
+        assert torch.isfinite(imgs).all() and 0.3 < imgs.std() < 3  # normalised images
+        nearest = (imgs[:, None] - plain[None]).abs().flatten(2).amax(-1).min(1).values  # (32,)
+        assert (nearest > 1e-3).float().mean() > 0.8  # random crops and flips (a few whole, unflipped images)
+    assert not torch.equal(pulled[0][0][0], pulled[2][0][0])  # epoch 1 is another epoch's draw
 
 
 def test_flops_of_a_reversible_backward_count_its_recomputed_forward():

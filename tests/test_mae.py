@@ -5,6 +5,7 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 import mae
@@ -35,17 +36,108 @@ def test_patchify_matches_official_layout_and_round_trips(c):
     assert torch.equal(common.unpatchify(x, 8, c), imgs)
 
 
-def test_sincos_pos_embed_matches_official_formula():
-    """The official util/pos_embed.py, re-derived: meshgrid(w, h) puts the column first."""
-    d, g = 16, 3
+def official_sincos(d, g):
+    """The official util/pos_embed.py with cls_token=True, re-derived: meshgrid(w, h) puts the column first.
+    (1 + g*g, d), a zero row for the cls token first."""
     omega = 1.0 / 10000 ** (torch.arange(d // 4, dtype=torch.float64) / (d / 4))
     rows = []
     for i in range(g):  # row
         for j in range(g):  # column
             col, row = j * omega, i * omega
             rows.append(torch.cat([col.sin(), col.cos(), row.sin(), row.cos()]))
-    expected = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.stack(rows)]).float()
-    assert torch.allclose(common.sincos_pos_embed(d, g, cls_token=True)[0], expected, atol=1e-6)
+    return torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.stack(rows)]).float()
+
+
+def test_sincos_pos_embed_matches_official_formula():
+    assert torch.allclose(common.sincos_pos_embed(16, 3, cls_token=True)[0], official_sincos(16, 3), atol=1e-6)
+
+
+def official_block(x, sd, prefix, num_heads):
+    """timm's ViT Block, which the official MAE uses, written out on state-dict tensors: pre-norm attention
+    (qkv split as (3, heads, head_dim), softmax(q k^T / sqrt(head_dim)) v, proj), then a pre-norm GELU MLP."""
+    B, T, D = x.shape
+    w = lambda name: (sd[f"{prefix}.{name}.weight"], sd[f"{prefix}.{name}.bias"])  # noqa: E731
+    hd = D // num_heads
+    qkv = F.linear(F.layer_norm(x, (D,), *w("norm1"), eps=1e-6), *w("attn.qkv"))  # (B, T, 3D)
+    q, k, v = qkv.reshape(B, T, 3, num_heads, hd).permute(2, 0, 3, 1, 4)  # (B, heads, T, hd) each
+    attn = torch.softmax(q @ k.transpose(-1, -2) / hd**0.5, dim=-1)  # (B, heads, T, T)
+    x = x + F.linear((attn @ v).transpose(1, 2).reshape(B, T, D), *w("attn.proj"))
+    hidden = F.gelu(F.linear(F.layer_norm(x, (D,), *w("norm2"), eps=1e-6), *w("mlp.fc1")))
+    return x + F.linear(hidden, *w("mlp.fc2"))
+
+
+def official_encoder(sd, cfg, imgs, noise, mask_ratio):
+    """facebookresearch/mae models_mae.py, forward_encoder with random_masking, transcribed onto a state dict
+    with plain torch ops. Returns the latent (B, 1 + len_keep, D), mask (B, L) (1 = removed) and ids_restore."""
+    p, L = cfg.patch_size, noise.shape[1]
+    # patch embedding (Conv2d, kernel = stride = p), position embedding without the cls slot
+    x = F.conv2d(imgs, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)  # (B, D, h, w)
+    x = x.flatten(2).transpose(1, 2) + sd["pos_embed"][:, 1:]  # (B, L, D), row-major patches
+    B, _, D = x.shape
+    # random_masking: ascending noise order, the first len_keep kept; ids_restore undoes the shuffle
+    len_keep = int(L * (1 - mask_ratio))
+    ids_shuffle = noise.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    x = x.gather(1, ids_shuffle[:, :len_keep, None].repeat(1, 1, D))  # (B, len_keep, D)
+    mask = torch.cat([torch.zeros(B, len_keep), torch.ones(B, L - len_keep)], 1).gather(1, ids_restore)
+    cls = (sd["cls_token"] + sd["pos_embed"][:, :1]).expand(B, 1, D)  # the cls token gets pos_embed[:, 0]
+    x = torch.cat([cls, x], 1)  # (B, 1 + len_keep, D)
+    for i in range(cfg.depth):
+        x = official_block(x, sd, f"blocks.{i}", cfg.num_heads)
+    return F.layer_norm(x, (D,), sd["norm.weight"], sd["norm.bias"], eps=1e-6), mask, ids_restore
+
+
+def official_decoder(sd, cfg, x, ids_restore):
+    """models_mae.py forward_decoder after decoder_embed (x: (B, 1 + len_keep, Dd)): append L + 1 - len(x) mask
+    tokens after the visible ones (cls left out), unshuffle with ids_restore, cls back in front, decoder_pos_embed,
+    blocks, norm, pred, cls dropped. Returns pred (B, L, p*p*C)."""
+    B, L, Dd = x.shape[0], ids_restore.shape[1], x.shape[2]
+    seq = torch.cat([x[:, 1:], sd["mask_token"].repeat(B, L + 1 - x.shape[1], 1)], 1)  # (B, L, Dd), shuffled order
+    seq = seq.gather(1, ids_restore[:, :, None].repeat(1, 1, Dd))  # grid order
+    x = torch.cat([x[:, :1], seq], 1) + sd["decoder_pos_embed"]  # (B, 1 + L, Dd)
+    for i in range(cfg.decoder_depth):
+        x = official_block(x, sd, f"decoder_blocks.{i}", cfg.decoder_num_heads)
+    x = F.layer_norm(x, (Dd,), sd["decoder_norm.weight"], sd["decoder_norm.bias"], eps=1e-6)
+    return F.linear(x, sd["decoder_pred.weight"], sd["decoder_pred.bias"])[:, 1:]
+
+
+def official_loss(cfg, imgs, pred, mask):
+    """models_mae.py forward_loss: (norm-pix) target, per-patch MSE, mean over the removed patches."""
+    target = official_patchify(imgs, cfg.patch_size)
+    if cfg.norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1.0e-6) ** 0.5
+    return (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+
+
+def official_mae(sd, cfg, imgs, noise, mask_ratio):
+    """models_mae.py MaskedAutoencoderViT.forward, transcribed: returns loss, pred, mask."""
+    latent, mask, ids_restore = official_encoder(sd, cfg, imgs, noise, mask_ratio)
+    x = F.linear(latent, sd["decoder_embed.weight"], sd["decoder_embed.bias"])  # decoder_embed
+    pred = official_decoder(sd, cfg, x, ids_restore)
+    return official_loss(cfg, imgs, pred, mask), pred, mask
+
+
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.5])
+def test_forward_equals_a_transcription_of_the_official_models_mae(mask_ratio):
+    """Our MAE on its own weights against the official forward written out in this file (no method of ours is
+    called for the reference): the same pred, mask and loss. Every trainable weight is perturbed first, so
+    zero biases or a zero mask token cannot hide a term; the position embeddings are the official sin-cos.
+    In float64, so 1e-6 separates a wrong formula from rounding by many orders of magnitude."""
+    model = small_model(decoder_depth=2).double()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn_like(param))
+    sd = model.state_dict()
+    g = model.cfg.img_size // model.cfg.patch_size
+    assert torch.allclose(sd["pos_embed"][0].float(), official_sincos(64, g), atol=1e-6)
+    assert torch.allclose(sd["decoder_pos_embed"][0].float(), official_sincos(32, g), atol=1e-6)
+    imgs, noise = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.rand(3, g * g)
+    with torch.no_grad():
+        loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
+        loss_ref, pred_ref, mask_ref = official_mae(sd, model.cfg, imgs, noise, mask_ratio)
+    assert torch.equal(mask.float(), mask_ref.float()) and pred.dtype == torch.float64
+    assert (pred - pred_ref).abs().max() < 1e-6 and abs(loss - loss_ref) < 1e-6 * loss_ref
 
 
 def test_random_masking_keeps_exact_count_and_noise_reproduces_mask():

@@ -3,9 +3,10 @@ bad throw values, the SimMIM base, and the CLI as the design card types it."""
 import pytest
 import torch
 
+import common
 import mae
 import pr_mim
-from conftest import run_cli
+from conftest import ForkedCli, run_cli
 
 # ViT-B/16's 14 x 14 grid with narrow widths, so a forward pass costs milliseconds
 GRID14 = dict(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=4, decoder_embed_dim=32,
@@ -149,3 +150,25 @@ def test_cli_pretrain_pr_mim_throw_half_as_typed(tmp_path):
     bad = run_cli("pretrain", "pr-mim", "--preset", "tiny", "--throw", "0.9", "--out", tmp_path / "bad")
     assert bad.returncode == 2 and "--throw must be in [0, 0.75]" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_cli_kernel_size_and_no_progressive_reach_the_checkpoint_and_change_the_model(tmp_path):
+    """`--kernel-size 3` and `--no-progressive` as typed: each lands in the checkpoint's config and changes the
+    model it trained: a 3 x 3 depth-wise conv (one filter per decoder channel) instead of the default 7 x 7,
+    and no conv at all without progressive reconstruction (so the loss covers only the retained tokens: the
+    in-process semantics are test_loss_covers_every_masked_token_with_progressive_and_retained_ones_without)."""
+    assert pr_mim.Config().kernel_size == 7 and pr_mim.Config().progressive  # the defaults these options change
+    runs = {"k3": ("--kernel-size", 3), "plain": ("--no-progressive",)}
+    with ForkedCli() as cli_:  # `python cli.py ARGS` in a process of its own, the imports paid once
+        for name, options in runs.items():
+            result = cli_.run("pretrain", "pr-mim", "--preset", "tiny", "--max-steps", 1, "--train-size", 32,
+                              "--batch-size", 16, "--val-size", 16, *options, "--out", tmp_path / name)
+            assert result.returncode == 0, result.stderr + result.stdout
+    k3, plain = (common.load_checkpoint(tmp_path / name) for name in runs)
+    assert k3["step"] == plain["step"] == 1
+    assert k3["config"]["kernel_size"] == 3 and k3["config"]["progressive"] is True
+    width = k3["config"]["decoder_embed_dim"]
+    assert k3["model"]["spatial_aggregation.weight"].shape == (width, 1, 3, 3)
+    assert plain["config"]["progressive"] is False and plain["config"]["kernel_size"] == 7
+    assert not any(k.startswith("spatial_aggregation") for k in plain["model"])
+    assert set(k3["model"]) - set(plain["model"]) == {"spatial_aggregation.weight", "spatial_aggregation.bias"}

@@ -242,7 +242,7 @@ def test_cli_pretrain_tiny_and_clear_errors(tmp_path):
     r = run_cli("pretrain", "revcolv2", "--preset", "tiny", "--max-steps", "2", "--out", out,
                 env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
-    params = float(r.stdout.split("revcolv2: ")[1].split("M parameters")[0])
+    params = float(r.stdout.split("revcolv2: ")[1].split("M trained parameters")[0])
     assert params < 1.5  # the tiny preset gives a tiny model (64-d, 2+2 columns of 4 one-block levels)
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in rows if "loss" in row]

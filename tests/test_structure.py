@@ -79,25 +79,38 @@ def test_common_never_names_a_method():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_one_step_and_gives_features(method):
-    """Smoke for every method at the tiny preset: finite loss, gradients reach the patch embedding,
-    and forward_features gives (B, N, D) for the evaluation commands."""
+    """Every method at the tiny preset: pred (B, N, P*P*C), mask (B, N) with some patches masked, a finite scalar
+    loss; every trainable parameter gets a finite, non-zero gradient (a parameter the loss never reaches would
+    also stop DDP); one AdamW step moves every trainable parameter and lowers the loss on the same batch; and
+    forward_features gives (B, N, embed_dim) for the evaluation commands, N = (img_size / patch_size)^2."""
     module, model_cls = cli.METHODS[method]
     cfg, tcfg = cli.resolve(module, "tiny", None, {})
+    B, N = 4, (cfg.img_size // cfg.patch_size) ** 2
     torch.manual_seed(0)
     model = model_cls(cfg)
-    imgs = torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size)
+    imgs = torch.randn(B, cfg.in_chans, cfg.img_size, cfg.img_size)
     inputs = {}
     if hasattr(module, "sample_inputs"):
-        samples = [module.sample_inputs(cfg, torch.Generator().manual_seed(i)) for i in range(2)]
+        samples = [module.sample_inputs(cfg, torch.Generator().manual_seed(i)) for i in range(B)]
         inputs = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
     loss, pred, mask = model(imgs, **inputs)
-    assert loss.ndim == 0 and torch.isfinite(loss) and mask.shape[0] == 2
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    assert pred.shape == (B, N, cfg.patch_size**2 * cfg.in_chans) and mask.shape == (B, N)
+    assert ((mask == 0) | (mask == 1)).all() and 0 < mask.sum() < B * N
     loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if n.startswith("patch_embed") and p.grad is not None]
-    assert grads and sum(g.abs().sum() for g in grads) > 0
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("patch_embed") for n in trainable)
+    no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"{method}: no gradient reaches {no_grad}"
+    assert all(torch.isfinite(p.grad).all() for p in trainable.values())
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    torch.optim.AdamW(trainable.values(), lr=1e-3, weight_decay=0.0).step()
+    unchanged = [n for n, p in trainable.items() if torch.equal(p, before[n])]
+    assert not unchanged, f"{method}: one step left {unchanged} unchanged"
     with torch.no_grad():
+        assert model(imgs, **inputs)[0] < loss  # the same batch, masks and pairs: a step down the gradient
         feats = model.eval().forward_features(imgs)
-    assert feats.ndim == 3 and feats.shape[0] == 2 and torch.isfinite(feats).all()
+    assert feats.shape == (B, N, cfg.embed_dim) and torch.isfinite(feats).all()
 
 
 @pytest.mark.parametrize("method", METHODS)
