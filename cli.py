@@ -25,13 +25,13 @@ from rich.console import Console
 from rich.markup import escape
 
 import common
-import evaluate
 import imae
 import mae
 import pr_mim
 import revcolv2
-import separability as separability_lib
 import simmim
+from evaluation import evaluate
+from evaluation import separability as separability_lib
 
 METHODS = {  # command-line name: (method file, model class)
     "mae": (mae, mae.MAE),
@@ -213,7 +213,7 @@ def run_bench(method, preset, model, batch_size, steps, warmup, rounds, compare,
     With --data: the images per second of the method's training data loader instead."""
     import json
 
-    import bench
+    from evaluation import bench
 
     given = {k: v for k, v in options.items() if v is not None}
     if data is not None:
@@ -259,7 +259,7 @@ def run_bench_loader(method, preset, model, batch_size, warmup, json_out, device
     """`bench METHOD --data NAME`: images per second of the loader pre-training would use, alone."""
     import json
 
-    import bench
+    from evaluation import bench
 
     module, _ = METHODS[method]
     try:
@@ -382,7 +382,7 @@ def results(paths: list[str] = typer.Argument(None, help="folders searched for r
             readme: str = typer.Option("", help="rewrite the results table in this file (between its markers)"),
             fresh: bool = typer.Option(False, help="drop the table's rows that the given folders do not rebuild")):
     """Build the results table (mean ± std over seeds) from result folders; print it or put it in README."""
-    import results as results_table
+    from evaluation import results as results_table
 
     try:
         rows = results_table.collect(paths or ["runs"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
+from evaluation import bench
 import cli
 import common
 import mae
@@ -83,7 +83,7 @@ def test_saved_bytes_count_each_storage_once_and_leave_parameters_out():
 
 def test_bench_never_names_a_method():
     words = {"mae", "simmim", "pr_mim", "pr-mim", "prmim", "imae", "i-mae", "revcol", "revcolv2"}
-    for node in ast.walk(ast.parse((ROOT / "bench.py").read_text())):
+    for node in ast.walk(ast.parse((ROOT / "evaluation" / "bench.py").read_text())):
         text = node.id if isinstance(node, ast.Name) else node.value if isinstance(node, ast.Constant) else ""
         if isinstance(text, str):
             assert not words & set(text.lower().replace("(", " ").replace(")", " ").split()), text

@@ -11,9 +11,9 @@ from conftest import ForkedCli, run_cli
 
 import cli
 import common
-import evaluate
+from evaluation import evaluate
 import mae
-import results
+from evaluation import results
 
 TINY = {k: v for k, v in common.PRESETS["tiny"].items() if k in mae.Config.__dataclass_fields__}
 FAST = ["--train-size", "64", "--val-size", "32", "--num-workers", "0"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cli
-import evaluate
+from evaluation import evaluate
 import mae
 import revcolv2
 from conftest import run_cli

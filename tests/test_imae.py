@@ -12,7 +12,7 @@ import cli
 import common
 import imae
 import mae
-import separability
+from evaluation import separability
 from conftest import run_cli
 
 

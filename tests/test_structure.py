@@ -122,3 +122,40 @@ def test_readme_and_help_cover_every_method(method):
     missing = [f.name for f in dataclasses.fields(module.Config) if not help_text.get(f.name)]
     assert not missing, f"{MODULE_FILES[method]} Config fields without a trailing comment: {missing}"
     assert set(common.PRESETS) >= {"tiny", "cpu", "cifar", "tiny-imagenet", "imagenet"}
+
+
+OURS = {"common", "cli", "evaluation", "experiments", *(Path(f).stem for f in MODULE_FILES.values())}
+
+
+def our_imports(path):
+    """The modules of ours that a file imports anywhere in it (top level or inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names & OURS
+
+
+def test_imports_go_one_way():
+    """Methods -> common; evaluation plumbing -> common; only cli.py (and experiments) import method files."""
+    assert our_imports(ROOT / "common.py") == set()
+    for path in (ROOT / "evaluation").glob("*.py"):
+        assert our_imports(path) <= {"common", "evaluation"}, path.name
+    for filename in MODULE_FILES.values():
+        assert our_imports(ROOT / filename) <= {"common", "cli"}, filename  # cli: the __main__ hand-off only
+
+
+def test_top_level_holds_the_design_cards_files():
+    import subprocess
+
+    listing = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True)
+    if listing.returncode or not listing.stdout:
+        pytest.skip("not a git checkout")
+    top = {line.split("/")[0] for line in listing.stdout.splitlines()}
+    design_card = {*MODULE_FILES.values(), "common.py", "cli.py", "tests", "README.md"}
+    packaging = {"pyproject.toml", "requirements.txt", "requirements-test.txt", ".ci", "LICENSE", ".gitignore"}
+    folders = {"evaluation", "experiments", "docs"}  # plumbing for evaluation and costs; forks and runs; write-ups
+    assert top - design_card - packaging - folders == set()
+    assert design_card <= top

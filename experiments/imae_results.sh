@@ -3,8 +3,8 @@
 # encoders of README.md#results (same budget, seeds 0, 1, 2, both data sets), of a random-init encoder and of
 # raw pixels; each with the encoder's own latents as the target and with the seed's MAE as a common reference.
 #
-#   bash scripts/cpu_results.sh mae && bash scripts/cpu_results.sh i-mae   # the runs (i-MAE distils from MAE)
-#   bash scripts/imae_results.sh [OUT]                                     # OUT defaults to runs/results
+#   bash experiments/cpu_results.sh mae && bash experiments/cpu_results.sh i-mae   # the runs (i-MAE distils from MAE)
+#   bash experiments/imae_results.sh [OUT]                                     # OUT defaults to runs/results
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/results}
