@@ -318,9 +318,9 @@ class IMAE(nn.Module):
         return latent[:, 1:, :]  # (B, N, D)
 
 
-if __name__ == "__main__":  # `python imae.py ARGS` is `python cli.py pretrain i-mae ARGS`
+if __name__ == "__main__":  # `python imae.py ARGS` is `python cli.py pretrain imae.py ARGS`, and so is a renamed copy
     import sys
 
     import cli
 
-    cli.main(["pretrain", "i-mae", *sys.argv[1:]])
+    cli.main(["pretrain", __file__, *sys.argv[1:]])

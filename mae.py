@@ -154,9 +154,9 @@ class MAE(nn.Module):
         return latent[:, 1:, :]  # (B, N, D)
 
 
-if __name__ == "__main__":  # `python mae.py ARGS` is `python cli.py pretrain mae ARGS`
+if __name__ == "__main__":  # `python mae.py ARGS` is `python cli.py pretrain mae.py ARGS`, and so is a renamed copy
     import sys
 
     import cli
 
-    cli.main(["pretrain", "mae", *sys.argv[1:]])
+    cli.main(["pretrain", __file__, *sys.argv[1:]])

@@ -304,9 +304,9 @@ class PRMIM(nn.Module):
         return latent[:, 1:, :]  # (B, N, D)
 
 
-if __name__ == "__main__":  # `python pr_mim.py ARGS` is `python cli.py pretrain pr-mim ARGS`
+if __name__ == "__main__":  # `python pr_mim.py ARGS` is `python cli.py pretrain pr_mim.py ARGS`, and so is a renamed copy
     import sys
 
     import cli
 
-    cli.main(["pretrain", "pr-mim", *sys.argv[1:]])
+    cli.main(["pretrain", __file__, *sys.argv[1:]])

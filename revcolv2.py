@@ -323,9 +323,9 @@ class RevColV2(nn.Module):
         return nn.functional.layer_norm(levels[0], levels[0].shape[-1:], eps=1e-6)  # (B, N, D)
 
 
-if __name__ == "__main__":  # `python revcolv2.py ARGS` is `python cli.py pretrain revcolv2 ARGS`
+if __name__ == "__main__":  # `python revcolv2.py ARGS` is `python cli.py pretrain revcolv2.py ARGS`, and so is a renamed copy
     import sys
 
     import cli
 
-    cli.main(["pretrain", "revcolv2", *sys.argv[1:]])
+    cli.main(["pretrain", __file__, *sys.argv[1:]])

@@ -155,9 +155,9 @@ class SimMIM(nn.Module):
         return latent[:, 1:, :]  # (B, N, D)
 
 
-if __name__ == "__main__":  # `python simmim.py ARGS` is `python cli.py pretrain simmim ARGS`
+if __name__ == "__main__":  # `python simmim.py ARGS` is `python cli.py pretrain simmim.py ARGS`, and so is a renamed copy
     import sys
 
     import cli
 
-    cli.main(["pretrain", "simmim", *sys.argv[1:]])
+    cli.main(["pretrain", __file__, *sys.argv[1:]])
