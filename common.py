@@ -8,6 +8,7 @@ Shape legend, used in every file:
     N_vis visible patches, N_mask masked patches, D encoder width, D_dec decoder width.
     mask: (B, N), 0 = visible (kept), 1 = masked (removed): the facebookresearch/mae convention.
 """
+
 import argparse
 import contextlib
 import dataclasses
@@ -41,11 +42,15 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size, patch_size, in_chans, embed_dim):
         super().__init__()
         if min(img_size, patch_size, in_chans, embed_dim) < 1:
-            raise ValueError(f"--img-size, --patch-size, --in-chans and --embed-dim must be at least 1, got "
-                             f"{img_size}, {patch_size}, {in_chans} and {embed_dim}")
+            raise ValueError(
+                f"--img-size, --patch-size, --in-chans and --embed-dim must be at least 1, got "
+                f"{img_size}, {patch_size}, {in_chans} and {embed_dim}"
+            )
         if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}: "
-                             f"choose --img-size as a multiple of --patch-size")
+            raise ValueError(
+                f"image size {img_size} is not a multiple of the patch size {patch_size}: "
+                f"choose --img-size as a multiple of --patch-size"
+            )
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
@@ -54,8 +59,10 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         expected = (self.in_chans, self.img_size, self.img_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), "
-                             f"got {tuple(x.shape)}: resize the data or change --img-size / --in-chans")
+            raise ValueError(
+                f"expected images of shape (B, {', '.join(map(str, expected))}), "
+                f"got {tuple(x.shape)}: resize the data or change --img-size / --in-chans"
+            )
         return rearrange(self.proj(x), "b d h w -> b (h w) d")  # (B, N, D)
 
 
@@ -179,6 +186,8 @@ VIT_SIZES = {  # ViT-Ti/S (DeiT), ViT-B/L/H (ViT paper); every size gets the off
 for _size in VIT_SIZES.values():
     _size.update(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
+# a table: a preset reads better in three or four lines than in one field a line
+# fmt: off
 PRESETS = {
     # seconds on a CPU: for tests and for trying a code change
     "tiny": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
@@ -201,6 +210,7 @@ PRESETS = {
     "imagenet": dict(img_size=224, **VIT_SIZES["base"], data="imagenet", batch_size=64, epochs=800,
                      warmup_epochs=40, num_workers=10),
 }
+# fmt: on
 
 # ----------------------------------------------------------------------------------------------------
 # Data. Every data set yields (image, label), the image a PIL image or a (C, H, W) uint8 or [0, 1] tensor;
@@ -241,11 +251,16 @@ class Shapes(torch.utils.data.Dataset):
     def signed_distance(label, u, v):  # < 0 inside the shape; u, v in units of the shape's radius
         r, a = (u**2 + v**2).sqrt(), torch.atan2(v, u)
         edges = [u * math.cos(t) + v * math.sin(t) for t in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
-        return [r - 1, torch.maximum(u.abs(), v.abs()) - 0.8, torch.stack(edges).amax(0) - 0.5,
-                (r - 0.72).abs() - 0.28,
-                torch.minimum(torch.maximum(u.abs() - 1, v.abs() - 0.3), torch.maximum(u.abs() - 0.3, v.abs() - 1)),
-                r - (0.6 + 0.4 * torch.cos(5 * a)), torch.maximum(r - 1, 0.8 - ((u - 0.55) ** 2 + v**2).sqrt()),
-                (u**2 + (v / 0.5) ** 2).sqrt() - 1][label]
+        return [
+            r - 1,
+            torch.maximum(u.abs(), v.abs()) - 0.8,
+            torch.stack(edges).amax(0) - 0.5,
+            (r - 0.72).abs() - 0.28,
+            torch.minimum(torch.maximum(u.abs() - 1, v.abs() - 0.3), torch.maximum(u.abs() - 0.3, v.abs() - 1)),
+            r - (0.6 + 0.4 * torch.cos(5 * a)),
+            torch.maximum(r - 1, 0.8 - ((u - 0.55) ** 2 + v**2).sqrt()),
+            (u**2 + (v / 0.5) ** 2).sqrt() - 1,
+        ][label]
 
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(2 * i + self.split_bit)  # CPU generators use only 32 bits of a seed
@@ -316,10 +331,23 @@ def _fashion_mnist(split, root, download):
         for suffix in ("", ".gz"):
             images, labels = d / f"{prefix}-images-idx3-ubyte{suffix}", d / f"{prefix}-labels-idx1-ubyte{suffix}"
             if images.exists() and labels.exists():
-                classes = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+                classes = (
+                    "T-shirt",
+                    "trouser",
+                    "pullover",
+                    "dress",
+                    "coat",
+                    "sandal",
+                    "shirt",
+                    "sneaker",
+                    "bag",
+                    "boot",
+                )
                 return TensorImages(_read_idx(images).unsqueeze(1), _read_idx(labels), classes)
-    raise ValueError(f"Fashion-MNIST not found in {', '.join(map(str, dirs))}: install it with "
-                     f"`apt install dataset-fashion-mnist`, or pass --download")
+    raise ValueError(
+        f"Fashion-MNIST not found in {', '.join(map(str, dirs))}: install it with "
+        f"`apt install dataset-fashion-mnist`, or pass --download"
+    )
 
 
 def _cifar(name, split, root, download):
@@ -328,15 +356,19 @@ def _cifar(name, split, root, download):
     try:
         ds = (CIFAR10 if name == "cifar10" else CIFAR100)(str(root), train=split == "train", download=download)
     except RuntimeError:
-        raise ValueError(f"{name} not found under {root}/ (expected the torchvision python version, e.g. "
-                         f"cifar-10-batches-py/): pass --download, or --data-dir where it lives") from None
+        raise ValueError(
+            f"{name} not found under {root}/ (expected the torchvision python version, e.g. "
+            f"cifar-10-batches-py/): pass --download, or --data-dir where it lives"
+        ) from None
     return TensorImages(torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), ds.classes)
 
 
 def _tiny_imagenet(split, root):
     root = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
-    hint = (f"expected the Tiny-ImageNet layout under {root}/ (wnids.txt, train/<wnid>/images/*.JPEG, "
-            f"val/images/ and val/val_annotations.txt): unzip tiny-imagenet-200.zip there or pass --data-dir")
+    hint = (
+        f"expected the Tiny-ImageNet layout under {root}/ (wnids.txt, train/<wnid>/images/*.JPEG, "
+        f"val/images/ and val/val_annotations.txt): unzip tiny-imagenet-200.zip there or pass --data-dir"
+    )
     if not root.is_dir():
         raise ValueError(f"the data folder {root} does not exist: {hint}")
     if not (root / "wnids.txt").is_file():
@@ -344,8 +376,12 @@ def _tiny_imagenet(split, root):
     wnids = (root / "wnids.txt").read_text().split()
     index = {w: k for k, w in enumerate(wnids)}
     if split == "train":
-        samples = [(p, index[w]) for w in wnids if (root / "train" / w / "images").is_dir()
-                   for p in _images_in(root / "train" / w / "images")]
+        samples = [
+            (p, index[w])
+            for w in wnids
+            if (root / "train" / w / "images").is_dir()
+            for p in _images_in(root / "train" / w / "images")
+        ]
     else:
         annotations = root / "val" / "val_annotations.txt"
         if not annotations.is_file():
@@ -401,8 +437,10 @@ def transform(name, img_size, train):
 
     channels, (mean, std) = DATASETS[name]
     if train:
-        steps = [v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
-                 v2.RandomHorizontalFlip()]
+        steps = [
+            v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip(),
+        ]
     else:  # large natural images: resize to 1/0.875 of the crop first, as the ImageNet protocol does
         resize = round(img_size / 0.875) if name in ("imagenet", "folder") else img_size
         steps = [v2.Resize(resize, interpolation=InterpolationMode.BICUBIC), v2.CenterCrop(img_size)]
@@ -431,7 +469,6 @@ class SeededDataset(torch.utils.data.Dataset):
         if not self.sample_inputs:
             return img, label, {}
         return img, label, self.sample_inputs(torch.Generator().manual_seed(hash((self.seed, epoch, index, 1)) % 2**32))
-        return img, label, extra
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -461,8 +498,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def make_loader(dataset, batch_size, sampler, num_workers, train, device):
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=train,
-        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=train,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
 
 
 def pretrain_loader(train_set, data, img_size, sample_inputs, seed, batch_size, num_workers, device, rank=0, world=1):
@@ -536,8 +579,9 @@ def git_hash():
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -570,19 +614,27 @@ def load_checkpoint(path):
     except Exception as e:
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if refused:
-            raise ValueError(f"{path} holds pickled objects that safe loading refuses ({refused[1]}): it is "
-                             f"not a checkpoint of this project or an official facebookresearch one") from None
+            raise ValueError(
+                f"{path} holds pickled objects that safe loading refuses ({refused[1]}): it is "
+                f"not a checkpoint of this project or an official facebookresearch one"
+            ) from None
         with open(path, "rb") as f:
             head = f.read(4)
         if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive (old torch: a pickle)
-            raise ValueError(f"{path} is not a checkpoint (not a file torch.save wrote): pass a run folder "
-                             f"(runs/NAME) or a .pt/.pth checkpoint") from None
+            raise ValueError(
+                f"{path} is not a checkpoint (not a file torch.save wrote): pass a run folder "
+                f"(runs/NAME) or a .pt/.pth checkpoint"
+            ) from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
-        raise ValueError(f"{path} is not a readable checkpoint, truncated or corrupt ({reason}): restore "
-                         f"it or re-run the training that wrote it") from None
+        raise ValueError(
+            f"{path} is not a readable checkpoint, truncated or corrupt ({reason}): restore "
+            f"it or re-run the training that wrote it"
+        ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{path} holds no 'model' state dict: it is not a checkpoint of this project "
-                         f"or an official facebookresearch one")
+        raise ValueError(
+            f"{path} holds no 'model' state dict: it is not a checkpoint of this project "
+            f"or an official facebookresearch one"
+        )
     return ckpt
 
 
@@ -590,16 +642,22 @@ def load_weights(model, state, source="the checkpoint"):
     """model.load_state_dict(state, strict=True), but a mismatch (another architecture or size) is a
     one-line ValueError naming the first differing tensor instead of torch's multi-line report."""
     own = model.state_dict()
-    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    shapes = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape
+    ]
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if shapes:
         k, theirs, ours = shapes[0]
-        raise ValueError(f"{source} does not fit this model: {k} is {theirs} there and {ours} here "
-                         f"({len(shapes)} tensor(s) differ): it was written for another size or method")
+        raise ValueError(
+            f"{source} does not fit this model: {k} is {theirs} there and {ours} here "
+            f"({len(shapes)} tensor(s) differ): it was written for another size or method"
+        )
     if missing or unexpected:
         names = ", ".join((missing or unexpected)[:3])
-        raise ValueError(f"{source} does not fit this model: {len(missing)} tensor(s) missing, {len(unexpected)} "
-                         f"unexpected (e.g. {names}): it was written for another architecture or method")
+        raise ValueError(
+            f"{source} does not fit this model: {len(missing)} tensor(s) missing, {len(unexpected)} "
+            f"unexpected (e.g. {names}): it was written for another architecture or method"
+        )
     model.load_state_dict(state)
 
 
@@ -637,26 +695,28 @@ class TrainConfig:
     device: str = "auto"  # auto (GPU if there is one) | cpu | cuda | cuda:N
 
     def __post_init__(self):
-        positive = dict(epochs=self.epochs, batch_size=self.batch_size, accum_iter=self.accum_iter)
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        non_negative = dict(warmup_epochs=self.warmup_epochs, train_size=self.train_size, val_size=self.val_size,
-                            lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
-                            num_workers=self.num_workers, ckpt_every=self.ckpt_every, max_steps=self.max_steps,
-                            vis_every=self.vis_every)
-        for name, value in non_negative.items():
-            if value < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+        check_options(
+            self,
+            "epochs batch_size accum_iter log_every",
+            "warmup_epochs train_size val_size lr min_lr "
+            "weight_decay clip_grad num_workers ckpt_every max_steps vis_every",
+        )
         if self.blr <= 0 and self.lr <= 0:
             raise ValueError(f"--blr must be positive, got {self.blr}")
-        if self.log_every < 1:
-            raise ValueError(f"--log-every must be at least 1, got {self.log_every}")
         if self.amp not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"--amp must be bf16, fp16 or fp32, got {self.amp!r}")
         if self.data not in DATASETS:
             raise ValueError(f"unknown data set {self.data!r}: choose one of {', '.join(DATASETS)}")
         check_device(self.device)
+
+
+def check_options(cfg, positive="", non_negative=""):
+    """A ValueError naming the first field of the dataclass `cfg` (as its --option) that is out of range: the
+    `positive` ones (space-separated names) must be at least 1, the `non_negative` ones at least 0."""
+    for names, low, words in ((positive, 1, "be at least 1"), (non_negative, 0, "not be negative")):
+        for name in names.split():
+            if getattr(cfg, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must {words}, got {getattr(cfg, name)}")
 
 
 def param_groups(model, weight_decay):
@@ -711,13 +771,29 @@ def epoch_steps(images, world, tcfg):
     """Optimiser steps in an epoch of `images` training images; a ValueError if not even one."""
     steps = images // world // (tcfg.batch_size * tcfg.accum_iter)
     if steps == 0:
-        raise ValueError(f"{images} training images are fewer than one step needs "
-                         f"({tcfg.batch_size * tcfg.accum_iter * world}): lower --batch-size or use more data")
+        raise ValueError(
+            f"{images} training images are fewer than one step needs "
+            f"({tcfg.batch_size * tcfg.accum_iter * world}): lower --batch-size or use more data"
+        )
     return steps
 
 
-def train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_state, meta, ckpt=None, ema=None,
-          evaluate_first=False, console=None, title="train"):
+def train(
+    model,
+    optimizer,
+    tcfg,
+    loader,
+    sampler,
+    loss_of,
+    end_of_epoch,
+    model_state,
+    meta,
+    ckpt=None,
+    ema=None,
+    evaluate_first=False,
+    console=None,
+    title="train",
+):
     """The training loop of pre-training and fine-tuning. Returns the run folder, tcfg.out.
 
     loss_of(net, imgs, labels, inputs) -> the loss of one micro-batch; end_of_epoch(epoch) -> {metric: value}, logged
@@ -730,7 +806,7 @@ def train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_
     by its place in the run (seed_step; data: SeededDataset), so a resumed run is bitwise the uninterrupted one.
     The loss and the stop flag reach the host only at logged steps (every --log-every steps and at epoch ends)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     # set-up: processes, the schedule, the run folder
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -753,21 +829,29 @@ def train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_
         if ema is not None:
             ema.module.load_state_dict(ckpt["ema"])
             ema.n_averaged.fill_(step)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    net = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
     net = torch.compile(net) if tcfg.compile else net
     if main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt_path.with_name(ckpt_path.name + ".tmp").unlink(missing_ok=True)  # left by a run killed mid-save
-        rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.endswith("}")] \
-            if ckpt is not None and log_path.exists() else []
+        rows = (
+            [json.loads(line) for line in log_path.read_text().splitlines() if line.endswith("}")]
+            if ckpt is not None and log_path.exists()
+            else []
+        )
         # keep what the log says up to the checkpoint (a killed run may have gone on); a new run starts afresh
         log_path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
         if ckpt is None:
             ckpt_path.unlink(missing_ok=True)
-        console.print(f"{title}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained "
-                      f"parameters, {steps_per_epoch} steps/epoch x {tcfg.epochs} epochs, {world} process(es) on "
-                      f"{device}, lr {peak_lr:.2e} (effective batch {images_per_step * world}), run folder {out}")
+        console.print(
+            f"{title}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained "
+            f"parameters, {steps_per_epoch} steps/epoch x {tcfg.epochs} epochs, {world} process(es) on "
+            f"{device}, lr {peak_lr:.2e} (effective batch {images_per_step * world}), run folder {out}"
+        )
 
     def write_log(**row):
         if main:
@@ -776,13 +860,21 @@ def train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_
 
     def save():  # the one save: model, optimiser, scaler, step, EMA, configs and code
         if main:
-            save_checkpoint({**model_state(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                             "step": step, "ema": ema.module.state_dict() if ema is not None else None, **meta},
-                            ckpt_path)
+            save_checkpoint(
+                {
+                    **model_state(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "ema": ema.module.state_dict() if ema is not None else None,
+                    **meta,
+                },
+                ckpt_path,
+            )
         if world > 1:
             dist.barrier()
 
-    signals = []  # SIGTERM (cluster preemption) or Ctrl-C: stop at the next logged step and save; a second Ctrl-C aborts
+    signals = []  # SIGTERM (preemption) or Ctrl-C: stop at the next logged step and save; a second Ctrl-C aborts
 
     def on_signal(signum, frame):
         if signals and signum == signal.SIGINT:
@@ -790,10 +882,15 @@ def train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_
         signals.append(signum)
 
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
-               TimeRemainingColumn()]
-    progress = Progress(*columns, console=console, disable=not main)
+    fields = TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s")
+    progress = Progress(
+        *Progress.get_default_columns()[:-1],
+        MofNCompleteColumn(),
+        fields,
+        TimeRemainingColumn(),
+        console=console,
+        disable=not main,
+    )
     task = progress.add_task(title, total=stop, completed=step, loss=float("nan"), lr=0.0, ips=0.0)
     if evaluate_first and step == 0:  # before training: the floor every later number is read against
         metrics = end_of_epoch(0)
@@ -839,17 +936,25 @@ def train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_
             epoch_end = step % steps_per_epoch == 0
             save_now = epoch_end or step == stop or (tcfg.ckpt_every and step % tcfg.ckpt_every == 0)
             if step % tcfg.log_every == 0 or save_now:  # the one host sync: logged steps, and before every save
-                stats = all_reduce_sum(torch.stack([loss_sum / world, torch.tensor(float(bool(signals)), device=device)]),
-                                       world).tolist()
+                stats = all_reduce_sum(
+                    torch.stack([loss_sum / world, torch.tensor(float(bool(signals)), device=device)]), world
+                ).tolist()
                 mean_loss, stop_asked = stats[0] / (step - logged_step), stats[1] > 0
                 if not math.isfinite(mean_loss):
-                    where = f"the checkpoint of step {saved_step} in {ckpt_path} is kept" if saved_step >= 0 \
+                    where = (
+                        f"the checkpoint of step {saved_step} in {ckpt_path} is kept"
+                        if saved_step >= 0
                         else "no checkpoint was written"
-                    raise FloatingPointError(f"loss is {mean_loss} between steps {logged_step + 1} and {step} (epoch "
-                                             f"{epoch + 1}); stopped, {where}. Try a lower --blr, --clip-grad 1.0 or "
-                                             f"--amp fp32")
+                    )
+                    raise FloatingPointError(
+                        f"loss is {mean_loss} between steps {logged_step + 1} and {step} (epoch "
+                        f"{epoch + 1}); stopped, {where}. Try a lower --blr, --clip-grad 1.0 or "
+                        f"--amp fp32"
+                    )
                 ips = (step - logged_step) * images_per_step * world / (time.perf_counter() - tick)
-                write_log(step=step, epoch=round(step / steps_per_epoch, 4), loss=mean_loss, lr=lr, img_per_s=round(ips, 1))
+                write_log(
+                    step=step, epoch=round(step / steps_per_epoch, 4), loss=mean_loss, lr=lr, img_per_s=round(ips, 1)
+                )
                 progress.update(task, completed=step, loss=mean_loss, lr=lr, ips=ips)
                 loss_sum.zero_()
                 logged_step, tick = step, time.perf_counter()
@@ -857,7 +962,9 @@ def train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_
                 metrics = end_of_epoch(epoch + 1)
                 write_log(step=step, epoch=epoch + 1, **metrics, elapsed_s=round(time.perf_counter() - start, 1))
                 if main:
-                    progress.console.print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                    progress.console.print(
+                        f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                    )
             if save_now or stop_asked:
                 save()
                 saved_step = step
@@ -868,7 +975,9 @@ def train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, model_
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if stop_asked:
-        raise InterruptedError(f"stopped by a signal at step {step}, checkpoint saved: continue with --resume --out {out}")
+        raise InterruptedError(
+            f"stopped by a signal at step {step}, checkpoint saved: continue with --resume --out {out}"
+        )
     return out
 
 
@@ -916,17 +1025,40 @@ def pretrain(model, cfg, tcfg, train_set, val_set, method, code_files, sample_in
     if tcfg.resume:
         ckpt = load_checkpoint(out / "checkpoint.pt")
         load_weights(model, ckpt["model"], str(out / "checkpoint.pt"))
-    optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=0.0, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")  # betas: MAE paper, Appendix A.1
-    loader, sampler = pretrain_loader(train_set, tcfg.data, cfg.img_size, sample_inputs, tcfg.seed, tcfg.batch_size,
-                                      tcfg.num_workers, device, rank, world)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tcfg.weight_decay), lr=0.0, betas=(0.9, 0.95), fused=device.type == "cuda"
+    )  # betas: MAE paper, Appendix A.1
+    loader, sampler = pretrain_loader(
+        train_set,
+        tcfg.data,
+        cfg.img_size,
+        sample_inputs,
+        tcfg.seed,
+        tcfg.batch_size,
+        tcfg.num_workers,
+        device,
+        rank,
+        world,
+    )
     val_data = SeededDataset(val_set, transform(tcfg.data, cfg.img_size, False), sample_inputs, tcfg.seed + 1)
-    val_loader = make_loader(val_data, tcfg.batch_size, EpochSampler(len(val_set), False, rank=rank, world=world),
-                             min(tcfg.num_workers, 2), False, device)
+    val_loader = make_loader(
+        val_data,
+        tcfg.batch_size,
+        EpochSampler(len(val_set), False, rank=rank, world=world),
+        min(tcfg.num_workers, 2),
+        False,
+        device,
+    )
     takes_labels = "labels" in inspect.signature(model.forward).parameters  # e.g. a method pairing images by class
-    meta = {"method": method, "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg), "git": git_hash(),
-            "torch": str(torch.__version__), "world_size": world,
-            "code": {Path(f).name: Path(f).read_text() for f in code_files}}
+    meta = {
+        "method": method,
+        "config": dataclasses.asdict(cfg),
+        "train": dataclasses.asdict(tcfg),
+        "git": git_hash(),
+        "torch": str(torch.__version__),
+        "world_size": world,
+        "code": {Path(f).name: Path(f).read_text() for f in code_files},
+    }
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "code"}, indent=2) + "\n")
@@ -941,5 +1073,18 @@ def pretrain(model, cfg, tcfg, train_set, val_set, method, code_files, sample_in
             picture(model, path, f"{method}, epoch {epoch}, held-out images.")
         return {"val_loss": val_loss}
 
-    return train(model, optimizer, tcfg, loader, sampler, loss_of, end_of_epoch, lambda: {"model": model.state_dict()},
-                 meta, ckpt, evaluate_first=True, console=console, title=method)
+    return train(
+        model,
+        optimizer,
+        tcfg,
+        loader,
+        sampler,
+        loss_of,
+        end_of_epoch,
+        lambda: {"model": model.state_dict()},
+        meta,
+        ckpt,
+        evaluate_first=True,
+        console=console,
+        title=method,
+    )
