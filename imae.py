@@ -4,20 +4,20 @@ Zhang, Shen, CVPR 2024 Workshops. https://arxiv.org/abs/2210.11470
 Official code: https://github.com/VILA-Lab/i-mae (models_mae.py, engine_pretrain.py). README section: README.md#i-mae
 
 Idea: feed MAE a mixture of two images, imgs_mix = λ·x_a + (1 − λ)·x_b with one λ ~ U[0, 1] per batch; the
-image with the smaller weight is the subordinate one (weight min(λ, 1 − λ) <= 0.5), the other the dominant
-one. The mixture is masked once and encoded once; two linear layers split the latent into a subordinate and a
-dominant stream, and MAE's decoder, shared by both, reconstructs each image from its stream. Two
-distillation terms pull each stream toward a frozen vanilla MAE's latent of the corresponding clean image
-under the same mask. If one linear layer can pull each image back out of the mixture's latent, the two
-images are linearly separable in it; `python cli.py separability RUN` measures that for any encoder.
+image with the smaller weight min(λ, 1 − λ) is the subordinate one, the other the dominant one. The mixture
+is masked and encoded once; two linear layers split the latent into a subordinate and a dominant stream;
+MAE's decoder, shared by both, reconstructs each image from its stream, and two distillation terms pull each
+stream toward a frozen vanilla MAE's latent of that clean image under the same mask. If one linear layer can
+pull each image back out of the mixture's latent, the two are linearly separable in it (`python cli.py
+separability RUN` measures that for any encoder).
 
 Changes relative to mae.py:
 - `sample_inputs` also draws `pairing` (3,): a sort key and a same-class coin that pick each image's
-  partner in the batch (`pair_up`, with `--same-class-prob`), and a λ draw.
+  partner in the batch (`pair_up`, with `--same-class-prob`), and a λ draw; `mix` mixes.
 - Two heads, `decoder_embed1` (subordinate) and `decoder_embed2` (dominant), replace `decoder_embed`; the
   decoder runs on both streams; the loss is both reconstructions plus both distillation terms.
-- `MAETeacher` and `load_teacher`: the frozen teacher (`--teacher`), loaded by `prepare_pretrain`, which
-  only `cli.py pretrain` calls: it stays out of the state dict, so evaluating a checkpoint needs no teacher.
+- `load_teacher`: the frozen teacher (`--teacher`), loaded by `prepare_pretrain`, which only `cli.py
+  pretrain` calls: it stays out of the state dict, so evaluating a checkpoint needs no teacher.
 
 Deviations from the paper and the official code:
 - The teacher sees the clean subordinate and dominant images; the released engine feeds it the mixture
@@ -25,20 +25,18 @@ Deviations from the paper and the official code:
 - `norm_pix_loss` applies to both reconstructions, as in MAE; the released i-MAE loss ignores the flag.
 - Partners are other images of the batch, picked by per-sample draws from the data workers (the official
   paired data set, `classmixINPair`, is not in the repository); `--same-class-prob` defaults to 0, not the
-  released 1.0: the released setting pairs by ground-truth labels, which a self-supervised run, compared
-  with MAE on the same data, must not see. `--same-class-prob 1` restores it.
-- λ is the λ draw of the batch's sample with the smallest pairing key, not np.random.beta(1, 1) in the loop:
-  the same U[0, 1], but fixed by the samples, so runs resume exactly; the batch is gathered from every
-  process (in training and for the held-out loss), so N processes pair and mix exactly as one process with
-  the same global batch would (the official code draws a λ per process).
-- Without `--teacher` the run trains without the distillation terms (the paper's "i-MAE without
-  distillation", Fig. 3c) and says so at start. The student starts from scratch unless
-  `--init-from-teacher` (the official ImageNet recipe: all MAE weights, both heads from `decoder_embed`).
-- No unused `decoder_embed` in the student (the official one keeps it, so strict loading fails).
+  released 1.0, which pairs by ground-truth labels that a self-supervised run must not see.
+- λ is the λ draw of the sample with the smallest pairing key, not np.random.beta(1, 1) in the loop: the
+  same U[0, 1], fixed by the samples so runs resume exactly; the batch is gathered from every process, so N
+  processes pair and mix as one would with the same global batch (official: a λ per process).
+- Without `--teacher`, no distillation terms (the paper's "i-MAE without distillation", Fig. 3c), said at
+  start; the student starts from scratch unless `--init-from-teacher` (the official ImageNet recipe).
+- No unused `decoder_embed` in the student (the official one keeps it, so strict loading fails); the
+  teacher is this class with the MAE's weights, both heads its `decoder_embed` (official: MAE_Teacher).
 
 Usage: python cli.py pretrain mae --out runs/mae && python cli.py pretrain i-mae --teacher runs/mae
 """
-import math
+
 from dataclasses import dataclass
 
 import torch
@@ -100,22 +98,19 @@ def random_masking(x, mask_ratio, noise=None):
 
 
 def sample_inputs(cfg, generator):
-    """Random inputs of one sample, drawn in the data workers: the masking noise (N,) and the pairing
-    draws (3,): a sort key and a same-class coin for `pair_up`, and a λ draw."""
-    return {"noise": torch.rand((cfg.img_size // cfg.patch_size) ** 2, generator=generator),
-            "pairing": torch.rand(3, generator=generator)}
+    """Random inputs of one sample, drawn in the data workers: the masking noise (N,), `pair_up`'s draws (3,)."""
+    noise = torch.rand((cfg.img_size // cfg.patch_size) ** 2, generator=generator)  # (N,)
+    return {"noise": noise, "pairing": torch.rand(3, generator=generator)}  # pairing (3,)
 
 
 def pair_up(pairing, labels, same_class_prob):
-    """Each image's partner in the batch and the batch's λ, fixed by the per-sample draws alone.
-
-    pairing: (B, 3) uniform draws (sort key, same-class coin, λ draw); labels: (B,). Sorting the keys gives a
-    random order; an image's partner is the next image in it (cyclically), or, when its coin is below
-    `same_class_prob`, the next image of its own class in that order (official --same_prob), if the batch
-    has one. λ is the λ draw of the image with the smallest key: U[0, 1] and independent of batch order.
-    Returns partner (B,) indices into the batch and λ, a 0-d tensor."""
+    """Each image's partner in the batch and the batch's λ, fixed by the per-sample draws alone. pairing: (B, 3)
+    uniform draws (sort key, same-class coin, λ draw); labels: (B,). An image's partner is the next image in key
+    order (cyclically), or, when its coin is below `same_class_prob`, the next of its own class in that order
+    (official --same_prob), if the batch has one. λ is the λ draw of the image with the smallest key: U[0, 1],
+    independent of batch order. Returns partner (B,) indices into the batch and λ, a 0-d tensor."""
     key, coin, lam_draw = pairing.double().unbind(1)  # (B,) each
-    B, arange = key.shape[0], torch.arange(key.shape[0], device=key.device)
+    arange = torch.arange(key.shape[0], device=key.device)
     order = key.argsort()  # (B,), a uniformly random order of the batch
     partner = torch.empty_like(order)
     partner[order] = order.roll(-1)  # the next image in that order: a random partner, never itself if B > 1
@@ -129,78 +124,40 @@ def pair_up(pairing, labels, same_class_prob):
 
 
 def mix(imgs, imgs_b, lam):
-    """One λ for the whole batch, mixed after normalisation (official engine_pretrain.py): the mixture, then the
-    subordinate image, the one with the smaller weight min(λ, 1 − λ) <= 0.5 (official weak_idx), and the dominant
-    one. imgs, imgs_b: (B, C, H, W), each image and its partner; lam: a 0-d tensor in [0, 1]."""
+    """The mixture after normalisation (official engine_pretrain.py), the subordinate image (weight min(λ, 1 − λ),
+    official weak_idx) and the dominant one. imgs, imgs_b: (B, C, H, W), images and partners; lam: 0-d, in [0, 1]."""
     sub_first = lam < 0.5
     return lam * imgs + (1 - lam) * imgs_b, torch.where(sub_first, imgs, imgs_b), torch.where(sub_first, imgs_b, imgs)
 
 
-class MAETeacher(nn.Module):
-    """The frozen vanilla MAE of the distillation terms (Fig. 2, branch 2; official models_mae.py, MAE_Teacher):
-    its encoder and `decoder_embed` under MAE's state-dict names, so a `pretrain mae` checkpoint or an
-    official *_full.pth loads into it strictly. Built from the student's Config: the two must match."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.patch_embed = common.PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        pos_embed = common.sincos_pos_embed(cfg.embed_dim, self.patch_embed.grid_size, cls_token=True)
-        self.pos_embed = nn.Parameter(pos_embed, requires_grad=False)  # (1, 1 + N, D)
-        self.blocks = nn.ModuleList(
-            [common.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
-
-    @torch.no_grad()
-    def forward(self, imgs, mask_ratio, noise):
-        """The teacher latent of clean images, under the student's mask: (B, 1 + N_vis, D_dec)."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (B, N, D)
-        x, _, _ = random_masking(x, mask_ratio, noise)  # (B, N_vis, D): the same noise, so the student's patches
-        cls_tokens = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat((cls_tokens, x), dim=1)  # (B, 1 + N_vis, D)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.decoder_embed(self.norm(x))  # (B, 1 + N_vis, D_dec): the latent MAE's decoder would get
-
-
-ARCH = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_embed_dim",
-        "decoder_depth", "decoder_num_heads")  # what a teacher must share with the student
-
-
-def official_arch(ckpt):
-    """ARCH of an official MAE checkpoint, read off its state dict (head counts from args.model, if named)."""
-    state, name = ckpt["model"], str(getattr(ckpt.get("args"), "model", ""))
-    size = next((common.VIT_SIZES[s] for s in common.VIT_SIZES if f"_{s}_" in name), {})
-    D, C, P, _ = state["patch_embed.proj.weight"].shape
-    count = lambda prefix: len({k.split(".")[1] for k in state if k.startswith(prefix)})  # noqa: E731
-    return dict(img_size=P * math.isqrt(state["pos_embed"].shape[1] - 1), patch_size=P, in_chans=C, embed_dim=D,
-                depth=count("blocks."), num_heads=size.get("num_heads"),
-                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / D,
-                decoder_embed_dim=state["decoder_embed.weight"].shape[0], decoder_depth=count("decoder_blocks."),
-                decoder_num_heads=size.get("decoder_num_heads"))
+ARCH = (  # what a teacher must share with the student
+    "img_size patch_size in_chans embed_dim depth num_heads mlp_ratio decoder_embed_dim decoder_depth decoder_num_heads"
+)
 
 
 def load_teacher(path, cfg):
-    """The frozen MAETeacher from a `pretrain mae` run or an official full checkpoint ({"model", "args"}), and
-    the checkpoint's state dict. A ValueError names every architecture field that differs from `cfg`."""
+    """The frozen teacher (Fig. 2, branch 2) of a `pretrain mae` run or official *_full.pth: an IMAE, both heads the
+    MAE's `decoder_embed`. A ValueError names the architecture fields that differ from `cfg` (official checkpoints:
+    those of the size args.model names, e.g. mae_vit_base_patch16), else the first tensor that does not fit."""
     ckpt = common.load_checkpoint(path)
     state = ckpt["model"]
     if ckpt.get("method", "mae") != "mae" or "decoder_embed.weight" not in state:
-        raise ValueError(f"{path} is not a full MAE checkpoint (encoder and decoder): train the teacher with "
-                         f"`python cli.py pretrain mae`, or use an official *_full.pth")
-    try:
-        arch = ckpt["config"] if "config" in ckpt else official_arch(ckpt)
-        theirs = {k: arch[k] for k in ARCH}
-    except KeyError as e:
-        raise ValueError(f"{path} is not a usable MAE checkpoint: it has no {e}") from None
-    diff = [f"{k} {theirs[k]} (this run {vars(cfg)[k]})" for k in ARCH if theirs[k] not in (None, vars(cfg)[k])]
+        raise ValueError(
+            f"{path} is not a full MAE checkpoint: train one with `cli.py pretrain mae` or use an official *_full.pth"
+        )
+    name = str(getattr(ckpt.get("args"), "model", ""))  # official checkpoints: {"model", "args"}
+    arch = ckpt.get("config") or next((common.VIT_SIZES[s] for s in common.VIT_SIZES if f"_{s}_" in name), {})
+    ours = vars(cfg)
+    diff = [f"{k} {arch[k]} (this run {ours[k]})" for k in ARCH.split() if k in arch and arch[k] != ours[k]]
     if diff:
-        raise ValueError(f"teacher {path} does not match this run: {', '.join(diff)}; give this run the "
-                         f"teacher's --preset / --model / sizes, or train a teacher with this run's")
-    teacher = MAETeacher(cfg).requires_grad_(False).eval()  # frozen (official: eval(), requires_grad False)
-    common.load_weights(teacher, {k: v for k, v in state.items() if k in teacher.state_dict()}, f"teacher {path}")
-    return teacher, state
+        raise ValueError(
+            f"teacher {path} does not match this run: {', '.join(diff)}; use the teacher's --preset / --model / sizes"
+        )
+    for p in ("weight", "bias"):  # MAE's one head as both of ours
+        state[f"decoder_embed1.{p}"] = state[f"decoder_embed2.{p}"] = state.pop(f"decoder_embed.{p}")
+    teacher = IMAE(cfg).requires_grad_(False).eval()  # frozen (official: eval(), requires_grad False)
+    common.load_weights(teacher, state, f"teacher {path}")
+    return teacher
 
 
 class IMAE(nn.Module):
@@ -215,7 +172,8 @@ class IMAE(nn.Module):
         self.pos_embed = nn.Parameter(pos_embed, requires_grad=False)  # fixed sin-cos (MAE paper, A.1)
         drop_path = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
-            [common.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, drop_path=dp) for dp in drop_path])
+            [common.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, drop_path=dp) for dp in drop_path]
+        )
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         # --- i-MAE disentanglement: two linear layers split the latent (Fig. 2; official MAEDouble) ---
         self.decoder_embed1 = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)  # the subordinate image's stream
@@ -225,7 +183,11 @@ class IMAE(nn.Module):
         decoder_pos_embed = common.sincos_pos_embed(cfg.decoder_embed_dim, grid, cls_token=True)
         self.decoder_pos_embed = nn.Parameter(decoder_pos_embed, requires_grad=False)  # (1, 1 + N, D_dec)
         self.decoder_blocks = nn.ModuleList(
-            [common.Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)])
+            [
+                common.Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio)
+                for _ in range(cfg.decoder_depth)
+            ]
+        )
         self.decoder_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_size**2 * cfg.in_chans)  # to pixels
         # --- initialisation (official initialize_weights) ---
@@ -236,19 +198,14 @@ class IMAE(nn.Module):
         self.teacher = None  # set by prepare_pretrain; a plain attribute, never a submodule
 
     def prepare_pretrain(self, log, resume=False):
-        """Called once by `cli.py pretrain`, never when a checkpoint is evaluated, so an i-MAE checkpoint needs
-        no teacher file: load the frozen teacher (kept out of state_dict and optimiser), or say it is absent."""
+        """Called by `cli.py pretrain` only, never in evaluation: load the frozen teacher, or say it is absent."""
         if not self.cfg.teacher:
             log("i-mae: no --teacher, so this run trains without the two distillation terms (Fig. 3c; imae.py)")
             return
-        teacher, state = load_teacher(self.cfg.teacher, self.cfg)
-        object.__setattr__(self, "teacher", teacher)  # not registered: no teacher.* keys, no gradients, no AdamW
-        log(f"i-mae: distilling from the frozen MAE teacher {self.cfg.teacher}")
+        object.__setattr__(self, "teacher", load_teacher(self.cfg.teacher, self.cfg))  # not registered: no teacher.*
+        log(f"i-mae: distilling from the frozen MAE teacher {self.cfg.teacher}")  # keys, no gradients, no AdamW
         if self.cfg.init_from_teacher and not resume:  # official main_pretrain.py: both heads from decoder_embed
-            student = {k: v for k, v in state.items() if not k.startswith("decoder_embed.")}
-            for head in ("decoder_embed1", "decoder_embed2"):
-                student.update({f"{head}.{p}": state[f"decoder_embed.{p}"] for p in ("weight", "bias")})
-            common.load_weights(self, student, f"teacher {self.cfg.teacher}")
+            self.load_state_dict(self.teacher.state_dict())
             log("i-mae: the student starts from the teacher's weights")
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
@@ -294,8 +251,7 @@ class IMAE(nn.Module):
         pairing = torch.rand(B, 3, device=imgs.device) if pairing is None else pairing  # (B, 3)
         labels = torch.arange(B, device=imgs.device) if labels is None else labels  # no labels: no class pairs
         # partners come from the batch of every process (training and held-out loss): N processes pair as one would
-        batch = common.gather_batch(imgs, labels, pairing)  # in one process: the batch itself, start 0
-        all_imgs, all_labels, all_pairing, start = batch  # (B_all, C, H, W), (B_all,), (B_all, 3), int
+        all_imgs, all_labels, all_pairing, start = common.gather_batch(imgs, labels, pairing)  # one process: start 0
         partner, lam = pair_up(all_pairing, all_labels, self.cfg.same_class_prob)  # (B_all,), one λ per batch
         imgs_mix, x_sub, x_dom = mix(imgs, all_imgs[partner[start : start + B]], lam)  # (B, C, H, W) each
         latent, mask, ids_restore = self.forward_encoder(imgs_mix, mask_ratio, noise)  # one mask on the mixture
@@ -305,20 +261,21 @@ class IMAE(nn.Module):
         loss = self.forward_loss(x_sub, pred_sub, mask) + self.forward_loss(x_dom, pred_dom, mask)  # two-way, weight 1
         if self.teacher is not None:  # latent distillation: plain MSE over all tokens, cls too (official engine)
             teacher = self.teacher.to(imgs.device)  # not a submodule, so it follows the input's device here
-            target_sub, target_dom = teacher(torch.cat([x_sub, x_dom]), mask_ratio, noise.repeat(2, 1)).chunk(2)
+            target = teacher.forward_encoder(torch.cat([x_sub, x_dom]), mask_ratio, noise.repeat(2, 1))[0]  # frozen
+            target_sub, target_dom = teacher.decoder_embed1(target).chunk(2)  # clean images, the student's mask
             distill = F.mse_loss(latent_sub, target_sub) + F.mse_loss(latent_dom, target_dom)
             loss = loss + self.cfg.distill_weight * distill
         return loss, torch.where(lam < 0.5, pred_sub, pred_dom), mask  # pred: the reconstruction of imgs itself
 
     def forward_features(self, imgs):
         """Evaluation features: the encoder on the whole image, (B, N, D) patch tokens in grid order
-        after the final norm (the protocol in README.md#evaluation pools them)."""
+        after the final norm (the protocol in docs/evaluation.md pools them)."""
         noise = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)  # keeps grid order
         latent, _, _ = self.forward_encoder(imgs, 0.0, noise)  # (B, 1 + N, D)
         return latent[:, 1:, :]  # (B, N, D)
 
 
-if __name__ == "__main__":  # `python imae.py ARGS` is `python cli.py pretrain imae.py ARGS`, and so is a renamed copy
+if __name__ == "__main__":  # python this_file.py ARGS = python cli.py pretrain this_file.py ARGS
     import sys
 
     import cli

@@ -20,6 +20,7 @@ Deviations from the paper and the official code:
 
 Usage: python cli.py pretrain mae --preset cifar
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +87,8 @@ class MAE(nn.Module):
         self.pos_embed = nn.Parameter(pos_embed, requires_grad=False)  # fixed sin-cos (MAE paper, A.1)
         drop_path = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
-            [common.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, drop_path=dp) for dp in drop_path])
+            [common.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, drop_path=dp) for dp in drop_path]
+        )
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         # --- MAE decoder specifics: a lighter ViT on all patches ---
         self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
@@ -94,7 +96,11 @@ class MAE(nn.Module):
         decoder_pos_embed = common.sincos_pos_embed(cfg.decoder_embed_dim, grid, cls_token=True)
         self.decoder_pos_embed = nn.Parameter(decoder_pos_embed, requires_grad=False)  # (1, 1 + N, D_dec)
         self.decoder_blocks = nn.ModuleList(
-            [common.Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)])
+            [
+                common.Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio)
+                for _ in range(cfg.decoder_depth)
+            ]
+        )
         self.decoder_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_size**2 * cfg.in_chans)  # to pixels
         # --- initialisation (official initialize_weights) ---
@@ -148,13 +154,13 @@ class MAE(nn.Module):
 
     def forward_features(self, imgs):
         """Evaluation features: the encoder on the whole image, (B, N, D) patch tokens in grid order
-        after the final norm (the protocol in README.md#evaluation pools them)."""
+        after the final norm (the protocol in docs/evaluation.md pools them)."""
         noise = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)  # keeps grid order
         latent, _, _ = self.forward_encoder(imgs, 0.0, noise)  # (B, 1 + N, D)
         return latent[:, 1:, :]  # (B, N, D)
 
 
-if __name__ == "__main__":  # `python mae.py ARGS` is `python cli.py pretrain mae.py ARGS`, and so is a renamed copy
+if __name__ == "__main__":  # python this_file.py ARGS = python cli.py pretrain this_file.py ARGS
     import sys
 
     import cli

@@ -2,7 +2,7 @@
 
 Li, Li, Fan, Cheng, 2024. https://arxiv.org/abs/2411.15746
 Official code: not released ("will be made publicly available"); this file follows the paper's text.
-README section: README.md#pr-mim
+README section: README.md#pr-mim. PR-MIM on SimMIM (Sec. 4.2, Tab. 4): experiments/pr_mim_simmim.py.
 
 Idea: MAE's decoder spends most of its compute on the masked tokens. Partial reconstruction throws
 a share of them away before the decoder, which makes pre-training cheaper but supervises fewer
@@ -14,15 +14,13 @@ matters, so they are chosen spread out over the image ("furthest sampling"), in 
 
 Changes relative to mae.py:
 - Config: `throw` (gamma, a fraction of all N tokens, 0 <= gamma <= mask ratio), `sampling`
-  (furthest | random), `progressive`, `kernel_size`, `base` (mae | simmim), `mask_patch_size`.
+  (furthest | random), `progressive`, `kernel_size`.
 - `throw_tokens` picks the thrown tokens among the masked ones; `sample_inputs` runs it in the data
   workers and hands `thrown` (N,) bool to `forward` with the masking noise.
 - The decoder runs on the cls token plus the (1 - gamma) N visible and retained tokens; its output is
   put back on the grid with zeros at the thrown positions, a depth-wise conv aggregates it, then
   `decoder_norm` and `decoder_pred` predict every patch; the loss covers all masked tokens
   (`--no-progressive`: no conv, loss on the retained masked tokens only, the paper's baseline rows).
-- `--base simmim` applies the same to SimMIM (Sec. 4.2): SimMIM's masking, mask token and L1 loss as in
-  simmim.py, the thrown tokens removed from the encoder input and the aggregation after the encoder.
 
 Deviations from the paper and the official code:
 - `kernel_size` defaults to 7: Tab. 11 tries five sizes and the middle one wins, but the sizes are
@@ -32,20 +30,17 @@ Deviations from the paper and the official code:
 - The conv's output replaces every token, so the visible and retained tokens are predicted through it
   too (no residual); the text has it rebuild the thrown tokens and leaves the others' path open.
 - The paper does not say how furthest sampling breaks ties between equally far tokens; we break them
-  at random (the lowest index would favour the top-left of the grid).
-- `mask_ratio` 0 means the base's own ratio: 0.75 (MAE) or 0.6 (SimMIM). gamma N is rounded down.
-- SimMIM base: the head is one Linear layer (the same map as SimMIM's 1x1 conv + PixelShuffle) and
-  the aggregation sits between the encoder's final norm and the head; the encoder and recipe carry
-  the deviations listed in simmim.py.
+  at random (the lowest index would favour the top-left of the grid). gamma N is rounded down.
 
 Usage: python cli.py pretrain pr-mim --throw 0.5
 """
+
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from einops import rearrange, repeat
+from einops import rearrange
 
 import common
 
@@ -62,38 +57,31 @@ class Config:
     decoder_depth: int = 8  # decoder blocks (MAE paper, Tab. 1a)
     decoder_num_heads: int = 16  # decoder heads (official models_mae.py)
     mlp_ratio: float = 4.0  # MLP hidden width / width
-    norm_pix_loss: bool = True  # per-patch normalised pixels as the target (MAE paper, Tab. 1c); MAE base only
-    mask_ratio: float = 0.0  # fraction of patches masked; 0 = the base's: 0.75 (MAE Fig. 5), 0.6 (SimMIM Tab. 1)
+    norm_pix_loss: bool = True  # per-patch normalised pixels as the target (MAE paper, Tab. 1c)
+    mask_ratio: float = 0.75  # fraction of patches removed (MAE paper, Fig. 5)
     drop_path: float = 0.0  # stochastic depth of the encoder; 0 in pre-training, 0.1 to fine-tune ViT-B
     throw: float = 0.5  # gamma: masked tokens thrown, as a fraction of ALL N tokens (PR-MIM Sec. 3.1, Tab. 2)
     sampling: str = "furthest"  # which masked tokens are retained: furthest | random (PR-MIM Sec. 3.3, Tab. 2)
     progressive: bool = True  # rebuild thrown tokens with a depth-wise conv (Sec. 3.2); off: partial reconstruction
     kernel_size: int = 7  # depth-wise conv kernel of the spatial aggregation (PR-MIM Tab. 11; see Deviations)
-    base: str = "mae"  # the framework PR-MIM is applied to: mae | simmim (PR-MIM Sec. 4.2, Tab. 4)
-    mask_patch_size: int = 0  # SimMIM base: mask patch side in px; 0 = 32 x img_size / 224 (SimMIM Tab. 1)
 
     def __post_init__(self):
-        if self.base not in ("mae", "simmim"):
-            raise ValueError(f"--base must be mae or simmim, got {self.base!r}")
-        if self.mask_ratio == 0:
-            self.mask_ratio = 0.75 if self.base == "mae" else 0.6
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
         if not 0 <= self.throw <= self.mask_ratio:
-            raise ValueError(f"--throw must be in [0, {self.mask_ratio}] (a fraction of all patches, thrown from the "
-                             f"masked ones, so at most --mask-ratio), got {self.throw}")
+            raise ValueError(
+                f"--throw must be in [0, {self.mask_ratio}] (a fraction of all patches, thrown from the "
+                f"masked ones, so at most --mask-ratio), got {self.throw}"
+            )
         if not self.progressive and self.throw == self.mask_ratio:
-            raise ValueError("--no-progressive with --throw equal to --mask-ratio leaves no token to reconstruct: "
-                             "lower --throw or drop --no-progressive")
+            raise ValueError(
+                "--no-progressive with --throw equal to --mask-ratio leaves no token to reconstruct: "
+                "lower --throw or drop --no-progressive"
+            )
         if self.sampling not in ("furthest", "random"):
             raise ValueError(f"--sampling must be furthest or random, got {self.sampling!r}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"--kernel-size must be a positive odd number, got {self.kernel_size}")
-        if self.base == "simmim" and self.mask_patch_size == 0:  # DEVIATION: scaled for small images (simmim.py)
-            self.mask_patch_size = self.patch_size * max(1, round(32 * self.img_size / 224 / self.patch_size))
-        if self.base == "simmim" and (self.mask_patch_size % self.patch_size or self.img_size % self.mask_patch_size):
-            raise ValueError(f"--mask-patch-size {self.mask_patch_size} must be a multiple of --patch-size "
-                             f"{self.patch_size} and divide --img-size {self.img_size}: choose another")
 
 
 def random_masking(x, mask_ratio, noise=None):
@@ -114,17 +102,6 @@ def random_masking(x, mask_ratio, noise=None):
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)  # (B, N), unshuffled to grid order
     return x_masked, mask, ids_restore
-
-
-def simmim_masking(cfg, batch_size, generator=None, device=None):
-    """SimMIM's masking (as simmim.py, official data_simmim.py): ceil(M * mask_ratio) of the M mask
-    patches, chosen at random, upsampled to model patches. Returns the mask (B, N), 1 = masked."""
-    rand_size, scale = cfg.img_size // cfg.mask_patch_size, cfg.mask_patch_size // cfg.patch_size
-    mask_count = math.ceil(rand_size**2 * cfg.mask_ratio)  # official: np.ceil
-    noise = torch.rand(batch_size, rand_size**2, generator=generator, device=device)  # (B, M)
-    ids_mask = torch.argsort(noise, dim=1)[:, :mask_count]  # the head of a random permutation (official)
-    mask = torch.zeros(batch_size, rand_size**2, device=device).scatter_(1, ids_mask, 1.0)  # (B, M)
-    return repeat(mask, "b (h w) -> b (h s1 w s2)", h=rand_size, s1=scale, s2=scale)  # (B, N), upsampled
 
 
 def throw_tokens(mask, num_throw, sampling, generator=None):
@@ -158,16 +135,11 @@ def throw_tokens(mask, num_throw, sampling, generator=None):
 
 def sample_inputs(cfg, generator):
     """Random inputs of one sample, drawn in the data workers, where the paper runs furthest sampling
-    (Sec. 3.3): the masking noise (N,) (SimMIM base: the mask (N,)) and the thrown tokens (N,) bool."""
+    (Sec. 3.3): the masking noise (N,) and the thrown tokens (N,) bool."""
     N = (cfg.img_size // cfg.patch_size) ** 2
-    if cfg.base == "mae":
-        inputs = {"noise": torch.rand(N, generator=generator)}
-        mask = random_masking(torch.zeros(1, N, 1), cfg.mask_ratio, inputs["noise"][None])[1]  # (1, N), as the model
-    else:
-        mask = simmim_masking(cfg, 1, generator)  # (1, N)
-        inputs = {"mask": mask[0]}
-    inputs["thrown"] = throw_tokens(mask, int(N * cfg.throw), cfg.sampling, generator)[0]  # (N,) bool
-    return inputs
+    noise = torch.rand(N, generator=generator)
+    mask = random_masking(torch.zeros(1, N, 1), cfg.mask_ratio, noise[None])[1]  # (1, N), the mask the model draws
+    return {"noise": noise, "thrown": throw_tokens(mask, int(N * cfg.throw), cfg.sampling, generator)[0]}  # (N,)
 
 
 BENCH_VARIANTS = {  # `python cli.py bench pr-mim`: rows beside the default (throw 0.5, furthest, progressive), Tab. 2
@@ -192,25 +164,26 @@ class PRMIM(nn.Module):
         self.pos_embed = nn.Parameter(pos_embed, requires_grad=False)  # fixed sin-cos (MAE paper, A.1)
         drop_path = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
-            [common.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, drop_path=dp) for dp in drop_path])
+            [common.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, drop_path=dp) for dp in drop_path]
+        )
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        # --- MAE decoder specifics: a lighter ViT on the visible and retained patches (SimMIM base: none) ---
-        width = cfg.decoder_embed_dim if cfg.base == "mae" else cfg.embed_dim
-        if cfg.base == "mae":
-            self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))  # shared, learned (Sec. 3)
-            decoder_pos_embed = common.sincos_pos_embed(cfg.decoder_embed_dim, grid, cls_token=True)
-            self.decoder_pos_embed = nn.Parameter(decoder_pos_embed, requires_grad=False)  # (1, 1 + N, D_dec)
-            self.decoder_blocks = nn.ModuleList(
-                [common.Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)])
-        else:  # SimMIM: a mask token of the encoder's width (simmim.py)
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        # --- MAE decoder specifics: a lighter ViT on the visible and retained patches ---
+        self.decoder_embed = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))  # shared, learned (Sec. 3)
+        decoder_pos_embed = common.sincos_pos_embed(cfg.decoder_embed_dim, grid, cls_token=True)
+        self.decoder_pos_embed = nn.Parameter(decoder_pos_embed, requires_grad=False)  # (1, 1 + N, D_dec)
+        self.decoder_blocks = nn.ModuleList(
+            [
+                common.Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio)
+                for _ in range(cfg.decoder_depth)
+            ]
+        )
         # --- PR-MIM progressive reconstruction: a depth-wise conv over the grid (Sec. 3.2, Tab. 12) ---
-        k = cfg.kernel_size  # DEVIATION: 7 at every preset, almost the whole 8 x 8 grid at 32 px (see Deviations)
+        k, width = cfg.kernel_size, cfg.decoder_embed_dim  # DEVIATION: k 7 at every preset (see Deviations)
         progressive = cfg.progressive and cfg.throw > 0  # throw 0 is plain MAE (Tab. 2, first row)
         self.spatial_aggregation = nn.Conv2d(width, width, k, padding=k // 2, groups=width) if progressive else None
-        self.decoder_norm = nn.LayerNorm(width, eps=1e-6) if cfg.base == "mae" else nn.Identity()
-        self.decoder_pred = nn.Linear(width, cfg.patch_size**2 * cfg.in_chans)  # to pixels
+        self.decoder_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(cfg.decoder_embed_dim, cfg.patch_size**2 * cfg.in_chans)  # to pixels
         # --- initialisation (official initialize_weights) ---
         common.init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -218,16 +191,10 @@ class PRMIM(nn.Module):
         self.num_patches = num_patches
         self.num_throw = int(num_patches * cfg.throw)  # gamma N thrown tokens per image (Sec. 3.1)
 
-    def forward_encoder(self, imgs, mask_ratio, noise=None, mask=None, ids_dec=None):
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
         x = self.patch_embed(imgs)  # (B, N, D)
-        if self.cfg.base == "simmim":  # masked patches become the mask token (SimMIM, official models/simmim.py)
-            w = mask.unsqueeze(-1).type_as(x)  # (B, N, 1)
-            x = x * (1 - w) + self.mask_token * w
         x = x + self.pos_embed[:, 1:, :]  # position embedding before masking, so kept tokens keep theirs
-        if self.cfg.base == "mae":
-            x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, N_vis, D): only visible patches (Sec. 3)
-        else:  # PR-MIM on SimMIM: the thrown tokens leave the encoder input (PR-MIM Sec. 4.2)
-            x, ids_restore = torch.gather(x, 1, ids_dec.unsqueeze(-1).expand(-1, -1, x.shape[2])), None  # (B, N_dec, D)
+        x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, N_vis, D): only visible patches (Sec. 3)
         cls_tokens = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat((cls_tokens, x), dim=1)  # (B, 1 + N_vis, D)
         for blk in self.blocks:
@@ -236,19 +203,18 @@ class PRMIM(nn.Module):
         return x, mask, ids_restore
 
     def forward_decoder(self, x, ids_restore, ids_dec):
-        if self.cfg.base == "mae":
-            x = self.decoder_embed(x)  # (B, 1 + N_vis, D_dec)
-            # one mask token per removed patch, then unshuffle to grid order (Sec. 3, "MAE decoder")
-            mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)  # (B, N_mask, D_dec)
-            x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (B, N, D_dec), shuffled order, no cls
-            x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (B, N, D_dec), grid order
-            x = torch.cat([x[:, :1, :], x_], dim=1)  # (B, 1 + N, D_dec), cls first
-            x = x + self.decoder_pos_embed
-            # partial reconstruction: the decoder sees the cls, visible and retained tokens only (PR-MIM Sec. 3.1)
-            x_ = torch.gather(x[:, 1:, :], 1, ids_dec.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (B, N_dec, D_dec)
-            x = torch.cat([x[:, :1, :], x_], dim=1)  # (B, 1 + N_dec, D_dec)
-            for blk in self.decoder_blocks:
-                x = blk(x)
+        x = self.decoder_embed(x)  # (B, 1 + N_vis, D_dec)
+        # one mask token per removed patch, then unshuffle to grid order (Sec. 3, "MAE decoder")
+        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)  # (B, N_mask, D_dec)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (B, N, D_dec), shuffled order, no cls
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (B, N, D_dec), grid order
+        x = torch.cat([x[:, :1, :], x_], dim=1)  # (B, 1 + N, D_dec), cls first
+        x = x + self.decoder_pos_embed
+        # partial reconstruction: the decoder sees the cls, visible and retained tokens only (PR-MIM Sec. 3.1)
+        x_ = torch.gather(x[:, 1:, :], 1, ids_dec.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (B, N_dec, D_dec)
+        x = torch.cat([x[:, :1, :], x_], dim=1)  # (B, 1 + N_dec, D_dec)
+        for blk in self.decoder_blocks:
+            x = blk(x)
         # progressive reconstruction (PR-MIM Sec. 3.2): thrown tokens filled with zeros, all back on the 2D grid
         x_ = x.new_zeros(x.shape[0], self.num_patches, x.shape[2])  # (B, N, D_dec)
         x = x_.scatter(1, ids_dec.unsqueeze(-1).expand(-1, -1, x.shape[2]), x[:, 1:, :])  # (B, N, D_dec), cls dropped
@@ -260,51 +226,44 @@ class PRMIM(nn.Module):
         return x
 
     def forward_loss(self, imgs, pred, mask, thrown):
-        """imgs: (B, C, H, W); pred: (B, N, P*P*C); mask: (B, N), 0 is keep, 1 is remove; thrown: (B, N)."""
+        """imgs: (B, C, H, W); pred: (B, N, P*P*C); mask: (B, N), 0 is keep, 1 is remove; thrown: (B, N) bool."""
         target = common.patchify(imgs, self.cfg.patch_size)  # (B, N, P*P*C)
-        if self.cfg.norm_pix_loss and self.cfg.base == "mae":  # normalise each target patch (MAE Tab. 1c)
+        if self.cfg.norm_pix_loss:  # normalise each target patch by its own mean and variance (Tab. 1c)
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as the official code
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        if self.spatial_aggregation is None:  # partial reconstruction: thrown tokens are not supervised (Sec. 3.1)
-            mask = mask * (~thrown)  # (B, N), the retained masked tokens
-        if self.cfg.base == "simmim":  # L1 on raw pixels / (masked pixels + 1e-5) / in_chans (official SimMIM)
-            loss = (pred - target).abs().sum(dim=-1)  # (B, N), summed over each patch's pixels and channels
-            return (loss * mask).sum() / (mask.sum() * self.cfg.patch_size**2 + 1e-5) / self.cfg.in_chans
         loss = (pred - target) ** 2
         loss = loss.mean(dim=-1)  # (B, N), mean loss per patch
+        if self.spatial_aggregation is None:  # partial reconstruction: thrown tokens are not supervised (Sec. 3.1)
+            mask = mask * ~thrown  # (B, N), the retained masked tokens
         return (loss * mask).sum() / mask.sum()  # progressive: every masked token is supervised (Sec. 3.2)
 
-    def forward(self, imgs, noise=None, mask=None, thrown=None):
+    def forward(self, imgs, noise=None, thrown=None):
         B, N = imgs.shape[0], self.num_patches
-        if self.cfg.base == "mae":  # the mask the encoder will draw from this noise, to throw tokens from
-            noise = torch.rand(B, N, device=imgs.device) if noise is None else noise  # (B, N)
-            mask = random_masking(imgs.new_zeros(B, N, 1), self.cfg.mask_ratio, noise)[1]  # (B, N)
-        elif mask is None:
-            mask = simmim_masking(self.cfg, B, device=imgs.device)  # (B, N)
-        if thrown is None:
-            thrown = throw_tokens(mask, self.num_throw, self.cfg.sampling)  # (B, N)
+        noise = torch.rand(B, N, device=imgs.device) if noise is None else noise  # (B, N)
+        mask = random_masking(imgs.new_zeros(B, N, 1), self.cfg.mask_ratio, noise)[1]  # (B, N), the encoder's mask
+        thrown = throw_tokens(mask, self.num_throw, self.cfg.sampling) if thrown is None else thrown.bool()  # (B, N)
         bad = tuple(thrown.shape) != (B, N) or (thrown.sum(1) != self.num_throw).any()
-        if bad or (thrown.bool() & (mask == 0)).any():  # a wrong count, or thrown tokens that are not masked
-            raise ValueError(f"thrown must be (B, N) = ({B}, {N}) with {self.num_throw} masked tokens per row "
-                             f"(--throw {self.cfg.throw}), got shape {tuple(thrown.shape)}")
-        thrown = thrown.bool()
+        if bad or (thrown & (mask == 0)).any():  # a wrong count, or thrown tokens that are not masked
+            raise ValueError(
+                f"thrown must be (B, N) = ({B}, {N}) with {self.num_throw} masked tokens per row "
+                f"(--throw {self.cfg.throw}), got shape {tuple(thrown.shape)}"
+            )
         ids_dec = torch.argsort(thrown.int(), dim=1, stable=True)[:, : N - self.num_throw]  # (B, N_dec), grid order
-        latent, mask, ids_restore = self.forward_encoder(imgs, self.cfg.mask_ratio, noise, mask.float(), ids_dec)
+        latent, mask, ids_restore = self.forward_encoder(imgs, self.cfg.mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore, ids_dec)  # (B, N, P*P*C)
         loss = self.forward_loss(imgs, pred, mask, thrown)
         return loss, pred, mask
 
     def forward_features(self, imgs):
         """Evaluation features: the encoder on the whole image, (B, N, D) patch tokens in grid order
-        after the final norm (the protocol in README.md#evaluation pools them)."""
+        after the final norm (the protocol in docs/evaluation.md pools them)."""
         noise = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)  # keeps grid order
-        nothing = torch.zeros(noise.shape, device=imgs.device)  # (B, N): nothing masked, nothing thrown
-        latent, _, _ = self.forward_encoder(imgs, 0.0, noise, nothing, noise)  # (B, 1 + N, D)
+        latent, _, _ = self.forward_encoder(imgs, 0.0, noise)  # (B, 1 + N, D)
         return latent[:, 1:, :]  # (B, N, D)
 
 
-if __name__ == "__main__":  # `python pr_mim.py ARGS` is `python cli.py pretrain pr_mim.py ARGS`, and so is a renamed copy
+if __name__ == "__main__":  # python this_file.py ARGS = python cli.py pretrain this_file.py ARGS
     import sys
 
     import cli

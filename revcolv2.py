@@ -1,50 +1,39 @@
 """RevColV2: Exploring Disentangled Representations in Masked Image Modeling.
 
-Han, Cai, Zhang, NeurIPS 2023. https://arxiv.org/abs/2309.01005
-Official code: https://github.com/megvii-research/RevCol (RevCol v1 only, models/revcol.py and
-models/revcol_function.py: the V2 code was never released). README section: README.md#revcolv2
-"article" below is the first author's write-up of V2 (PaperWeekly, 2023); RevCol paper: arXiv 2212.11696.
+Han, Cai, Zhang, NeurIPS 2023. https://arxiv.org/abs/2309.01005. README section: README.md#revcolv2
+Official code: https://github.com/megvii-research/RevCol, v1 only (models/revcol.py, models/revcol_function.py);
+V2's was never released. "article": the first author's V2 write-up (PaperWeekly, 2023); RevCol: arXiv 2212.11696.
 
-Idea: MAE throws its decoder away after pre-training, so the features it fine-tunes are not the ones
-it learned to reconstruct from. RevColV2 keeps the whole autoencoder. Its body is a stack of columns,
-each with L levels of ViT blocks at one width on one token grid; level k of column j reads the level
-below it in the same column and the level above it in the previous column, and adds a per-channel
-scaled copy of its own previous value: y = F(lower, upper_prev) + alpha * y_prev. With alpha != 0 the
-previous column is recomputed exactly from the next one, y_prev = (y - F) / alpha, so no column loses
-information and backward need not store the activations inside a column; each column still keeps its
-outputs, so memory grows by one set of level maps per column. Bottom-up columns run on the visible 25%
-of the patches; at the boundary every level gets its own learned mask token at the hidden positions;
-top-down columns run on all patches; level 0 of the last column predicts the hidden pixels (MAE's loss). That
-detail-level target pushes semantics up the levels, and classification reads the top level of the
-same last column: nothing is thrown away.
+Idea: MAE throws its decoder away, so the features it fine-tunes are not the ones it reconstructed from;
+RevColV2 keeps the whole autoencoder: a stack of columns of L levels (ViT blocks, one width, one token grid).
+Level k of column j reads the level below it in its column and the level above it in the previous column,
+plus a per-channel alpha times its own previous value, y = F(lower, upper_prev) + alpha * y_prev, so the
+previous column is recomputed exactly from the next, y_prev = (y - F) / alpha, and backward keeps only each
+column's outputs. Bottom-up columns see the visible 25% of the patches, top-down ones all, with a learned mask
+token per level at the hidden positions; level 0 of the last column predicts the pixels, its top level classifies.
 
 Changes relative to mae.py:
 - Config: `num_levels`, `level_depth`, `encoder_columns`, `decoder_columns` replace depth / decoder
   depth and width (one width, `embed_dim`, everywhere); `alpha_init`, `alpha_min`, `reversible`.
-- `Level` (fusion + blocks + alpha), `column_forward`, its exact inverse `column_inverse`, and
-  `ReversibleColumn`, the autograd.Function that keeps only each column's outputs.
-- forward_encoder: bottom-up columns on the visible tokens, no cls token; forward_decoder: per-level
-  mask tokens at the boundary, top-down columns, pixel head on level 0 of the last column.
-- forward_features: the top level of the last column, the whole model on the whole image.
+- `Level` (fusion, blocks, alpha), `column_forward`, its exact inverse `column_inverse`, `ReversibleColumn`.
+- forward_encoder: bottom-up columns, no cls token; forward_decoder: per-level mask tokens, top-down columns,
+  pixel head on level 0 of the last column; forward_features: its top level, the whole model on the whole image.
 
 Deviations from the paper and the official code:
-- The V2 internals are not public: isotropic ViT levels, the fusion LN(W_a a) + LN(W_b b), top-down
-  columns as the mirror of bottom-up ones, and the column counts are our reading (README.md#revcolv2).
-- alpha is clamped to |alpha| >= 0.1, not 1e-3: in fp32 the inverse error grows about 1/alpha per
-  level, so below ~0.1 the reversible gradients go wrong (measured in README.md#revcolv2).
-- No cls token: features are the top-level patch tokens (classification pools them), after a
-  LayerNorm without weights (weights would go unused in pre-training, which DDP refuses).
-- Not implemented: the joint variant with a CLIP teacher at the top level (article), and v1's
-  intermediate supervision.
-- ReversibleColumn returns parameter gradients from backward (official: accumulates them with
-  torch.autograd.backward inside backward), so torch.autograd.grad and DDP see them as usual.
-- The masking noise is drawn per sample in the data workers (`sample_inputs`), as in mae.py.
-- Assumed, unverified for V2: `mask_ratio` 0.75 and the `norm_pix_loss` target are MAE's (notes 2.2).
-- Fine-tuning's layer decay (evaluate.py, `layer_id`) gives a whole column one rate (blocks.j, then
-  decoder_blocks.j, one layer each); RevCol v1 ranks a layer by its level plus its column index.
+- V2's internals are not public: isotropic ViT levels, the fusion LN(W_a a) + LN(W_b b), top-down columns as
+  the mirror of bottom-up ones, and the column counts are our reading (docs/revcolv2.md).
+- alpha is clamped to |alpha| >= 0.1, not 1e-3: in fp32 the inverse error grows about 1/alpha per level, so
+  below ~0.1 the reversible gradients go wrong (measured in docs/revcolv2.md).
+- No cls token: features are the top-level patch tokens (classification pools them), after a LayerNorm
+  without weights (weights would go unused in pre-training, which DDP refuses).
+- ReversibleColumn's backward returns the parameter gradients (official: accumulates them), as autograd expects.
+- Not implemented: the article's variant with a CLIP teacher at the top level; v1's intermediate supervision.
+- Assumed, unverified for V2: MAE's `mask_ratio` 0.75, `norm_pix_loss` target (notes 2.2) and worker-drawn noise.
+- Fine-tuning layer decay (evaluation/evaluate.py, layer_decay_groups): one rate per column; v1 ranks level + column.
 
 Usage: python cli.py pretrain revcolv2 --preset cifar
 """
+
 import contextlib
 from dataclasses import dataclass
 
@@ -76,12 +65,9 @@ class Config:
     def __post_init__(self):
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"--mask-ratio must be in (0, 1), got {self.mask_ratio}")
-        counts = dict(num_levels=self.num_levels - 1, level_depth=self.level_depth,
-                      encoder_columns=self.encoder_columns, decoder_columns=self.decoder_columns)
-        for name, value in counts.items():
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least {2 if name == 'num_levels' else 1}, "
-                                 f"got {value + (name == 'num_levels')}")
+        for name, least in (("num_levels", 2), ("level_depth", 1), ("encoder_columns", 1), ("decoder_columns", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
         if not 0 < self.alpha_min <= abs(self.alpha_init):
             raise ValueError(f"need 0 < --alpha-min <= |--alpha-init|, got {self.alpha_min} and {self.alpha_init}")
 
@@ -119,34 +105,31 @@ def sample_inputs(cfg, generator):
 
 
 class Level(nn.Module):
-    """F(a, b) = Blocks(LN(W_a a) + LN(W_b b)): a is the level before this one in the same column (or
-    the patch tokens), b the level after it in the previous column; either may be absent. Official
-    Fusion + Level: resampling + LN, then blocks. DEVIATION: V2's fusion is not public; the levels are
-    isotropic here, so a projection replaces the resampling. alpha is the per-channel scale of the
-    reversible shortcut (official revcol.py, SubNet.alpha*)."""
+    """F(a, b) = Blocks(LN(W_a a) + LN(W_b b)): a is the level before this one in its column (or the patch tokens),
+    b the level after it in the previous column, either may be absent; alpha scales the reversible shortcut per
+    channel (official revcol.py: Fusion + Level, SubNet.alpha*). DEVIATION: V2's fusion is not public; the levels
+    are isotropic here, so a projection replaces the official resampling."""
 
     def __init__(self, cfg, has_a, has_b, has_alpha, drop_path):
         super().__init__()
-        proj = lambda: nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.LayerNorm(cfg.embed_dim, eps=1e-6))
-        self.fuse_a, self.fuse_b = proj() if has_a else None, proj() if has_b else None
-        self.blocks = nn.Sequential(*[common.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, p) for p in drop_path])
-        self.alpha = nn.Parameter(torch.full((cfg.embed_dim,), cfg.alpha_init)) if has_alpha else None
+        D = cfg.embed_dim
+        fuse = [nn.Sequential(nn.Linear(D, D), nn.LayerNorm(D, eps=1e-6)) if has else None for has in (has_a, has_b)]
+        self.fuse_a, self.fuse_b = fuse  # W_a + LN, W_b + LN
+        self.blocks = nn.Sequential(*[common.Block(D, cfg.num_heads, cfg.mlp_ratio, p) for p in drop_path])
+        self.alpha = nn.Parameter(torch.full((D,), cfg.alpha_init)) if has_alpha else None
 
     def forward(self, a, b):
-        x = sum(fuse(t) for fuse, t in ((self.fuse_a, a), (self.fuse_b, b)) if fuse is not None)  # (B, N_x, D)
-        return self.blocks(x)
+        return self.blocks(sum(f(t) for f, t in ((self.fuse_a, a), (self.fuse_b, b)) if f is not None))  # (B, N_x, D)
 
 
 def column_forward(column, x, prev, rng=None):
-    """One column in computation order k = 0..L-1 (RevCol paper, Fig. 2b, the multi-level reversible unit;
-    official revcol.py, SubNet):
-    y_k = F_k(y_{k-1}, prev_{k+1}) + alpha_k * prev_k, with y_{-1} = x (None in top-down columns) and
-    prev the previous column's outputs (None for the first column). Appends each level's RNG state to
-    `rng` if given. Returns L x (B, N_x, D)."""
+    """One column in computation order k = 0..L-1 (RevCol paper, Fig. 2b; official revcol.py, SubNet):
+    y_k = F_k(y_{k-1}, prev_{k+1}) + alpha_k * prev_k, with y_{-1} = x (None in top-down columns) and prev the
+    previous column's outputs (None for the first column). Returns L x (B, N_x, D)."""
     ys, stream = [], x if x is not None else prev[0]
     for k, level in enumerate(column):
-        if rng is not None:
-            rng.append(rng_state(stream.device))
+        if rng is not None:  # the RNG state before the level, CPU and GPU, for rng_restored
+            rng.append((torch.get_rng_state(), torch.cuda.get_rng_state(stream.device) if stream.is_cuda else None))
         a, b = ys[-1] if k else x, prev[k + 1] if prev is not None and k + 1 < len(column) else None
         y = level(a, b).to(stream.dtype)  # (B, N_x, D), kept in the stream's dtype under autocast
         ys.append(y if prev is None else y + level.alpha * prev[k])  # the reversible update (RevCol paper, Fig. 2b)
@@ -154,9 +137,8 @@ def column_forward(column, x, prev, rng=None):
 
 
 def column_inverse(column, x, ys, recompute=None):
-    """The previous column's outputs from this column's (the unit's inverse; official revcol_function.py,
-    ReverseFunction.backward): prev_k = (y_k - F_k(y_{k-1}, prev_{k+1})) / alpha_k, last position first,
-    since F_k needs prev_{k+1}. `recompute(k, a, b)` may stand in for F_k (the reversible backward)."""
+    """The previous column's outputs from this one's (official revcol_function.py, ReverseFunction.backward): prev_k =
+    (y_k - F_k(y_{k-1}, prev_{k+1})) / alpha_k, last position first. `recompute(k, a, b)` may stand in for F_k."""
     L, prev = len(column), [None] * len(column)
     for k in reversed(range(L)):
         a, b = ys[k - 1] if k else x, prev[k + 1] if k + 1 < L else None
@@ -166,14 +148,9 @@ def column_inverse(column, x, ys, recompute=None):
     return prev
 
 
-# Device state (commented, as the guidelines ask): the drop-path masks and the autocast dtype of the
-# recompute in backward must be the forward's (official revcol_function.py keeps them the same way).
-def rng_state(device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
 @contextlib.contextmanager
 def rng_restored(state, device):
+    """The RNG as column_forward saved it, so the recompute draws the forward's drop-path masks (official: the same)."""
     with torch.random.fork_rng(devices=[device] if state[1] is not None else []):
         torch.set_rng_state(state[0])
         if state[1] is not None:
@@ -182,18 +159,15 @@ def rng_restored(state, device):
 
 
 class ReversibleColumn(torch.autograd.Function):
-    """A column that keeps only its outputs (and x); backward recovers its inputs with column_inverse
-    and recomputes one level at a time (official revcol_function.py, ReverseFunction). Inputs:
-    column, x or None, then the previous column's L outputs (none for the first column), then
-    column.parameters(), whose gradients backward returns."""
+    """A column that keeps only its outputs (and x); backward recovers its inputs by column_inverse, one level at a
+    time (official ReverseFunction). Inputs: column, x or None, the previous column's outputs, column.parameters()."""
 
     @staticmethod
     def forward(ctx, column, x, *tensors):
         prev = list(tensors[: len(column)]) if column[0].alpha is not None else None
         ctx.column, ctx.rng, ctx.device = column, [], (x if x is not None else tensors[0]).device
-        dev = ctx.device.type
-        ctx.autocast = dict(device_type=dev, dtype=torch.get_autocast_dtype(dev),
-                            enabled=torch.is_autocast_enabled(dev), cache_enabled=torch.is_autocast_cache_enabled())
+        t = ctx.device.type  # the forward's autocast state, for the recompute in backward (official: the same)
+        ctx.autocast = t, torch.get_autocast_dtype(t), torch.is_autocast_enabled(t), torch.is_autocast_cache_enabled()
         ys = column_forward(column, x, prev, ctx.rng)  # Function.forward runs without grad: nothing is kept
         ctx.save_for_backward(x, *ys)
         return tuple(ys)
@@ -209,16 +183,13 @@ class ReversibleColumn(torch.autograd.Function):
 
         def recompute(k, a, b):  # F_k with grad, its grads handed on; k goes L-1..0, so g_ys[k] is complete
             a, b = [t.detach().requires_grad_() if t is not None else None for t in (a, b)]
-            with torch.enable_grad(), rng_restored(ctx.rng[k], ctx.device), torch.autocast(**ctx.autocast):
+            with torch.enable_grad(), rng_restored(ctx.rng[k], ctx.device), torch.autocast(*ctx.autocast):
                 f = column[k](a, b)  # (B, N_x, D)
             params = [p for name, p in column[k].named_parameters() if name != "alpha" and p.requires_grad]
             leaves = [t for t in (a, b) if t is not None] + params
             g = list(torch.autograd.grad(f, leaves, g_ys[k], allow_unused=True))
-            if a is not None:  # a is y_{k-1} of this column, or x
-                if k:
-                    add(g_ys, k - 1, g.pop(0))
-                else:
-                    add(g_in, 0, g.pop(0))
+            if a is not None:  # a is y_{k-1} of this column, or x at k = 0
+                add(g_ys if k else g_in, max(k - 1, 0), g.pop(0))
             if b is not None:  # b is prev_{k+1}
                 add(g_in, k + 2, g.pop(0))
             grads.update({id(p): gp for p, gp in zip(params, g)})
@@ -247,8 +218,8 @@ class RevColV2(nn.Module):
         drop_path = torch.linspace(0, cfg.drop_path, L * d).tolist()
 
         def column(bottom_up, first):  # position k: level k bottom-up, level L-1-k top-down
-            return nn.ModuleList([Level(cfg, has_a=bottom_up or k > 0, has_b=not first and k < L - 1,
-                                        has_alpha=not first, drop_path=drop_path[k * d : k * d + d]) for k in range(L)])
+            levels = [(bottom_up or k > 0, not first and k < L - 1, drop_path[k * d : k * d + d]) for k in range(L)]
+            return nn.ModuleList([Level(cfg, has_a, has_b, not first, dp) for has_a, has_b, dp in levels])
 
         self.blocks = nn.ModuleList([column(True, j == 0) for j in range(cfg.encoder_columns)])
         self.mask_token = nn.Parameter(torch.zeros(L, 1, 1, cfg.embed_dim))  # one per level (V2 paper, Fig. 2)
@@ -263,7 +234,7 @@ class RevColV2(nn.Module):
     def run_column(self, column, x, prev):
         """One column: reversible (only its outputs kept) or plain autograd (--no-reversible)."""
         for level in column:  # |alpha| >= alpha_min, sign kept, so the inverse exists (official: _clamp_abs)
-            if level.alpha is not None:  # DEVIATION: 0.1, not 1e-3 (fp32 inverse error, see README.md#revcolv2)
+            if level.alpha is not None:  # DEVIATION: 0.1, not 1e-3 (fp32 inverse error, see docs/revcolv2.md)
                 level.alpha.data.copy_(level.alpha.data.abs().clamp(min=self.cfg.alpha_min).copysign(level.alpha.data))
         if self.cfg.reversible and torch.is_grad_enabled():
             return list(ReversibleColumn.apply(column, x, *(prev or []), *column.parameters()))
@@ -272,9 +243,8 @@ class RevColV2(nn.Module):
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         x = self.patch_embed(imgs)  # (B, N, D)
         x = x + self.pos_embed  # position embedding before masking, so kept tokens keep theirs
-        # DEVIATION: no cls token; classification pools the top level's patch tokens
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # (B, N_vis, D): only visible patches (Sec. 3)
-        levels = None  # the first column has no previous one (official: the int 0)
+        levels = None  # the first column has no previous one (official: 0). DEVIATION: no cls token (see docstring)
         for column in self.blocks:  # bottom-up: x feeds level 0 of every column (official FullNet)
             levels = self.run_column(column, x, levels)  # L x (B, N_vis, D), level 0 first
         return levels, mask, ids_restore
@@ -312,18 +282,15 @@ class RevColV2(nn.Module):
         return loss, pred, mask
 
     def forward_features(self, imgs):
-        """Evaluation features: the whole model on the whole image (no mask token is inserted), (B, N, D)
-        tokens of the top level of the last column after the final norm (V2 paper, Fig. 2: "classification
-        task using the top level features"); the protocol in README.md#evaluation pools them."""
+        """Evaluation features: the whole model on the whole image (no mask token), (B, N, D) tokens of the top level
+        of the last column (V2 paper, Fig. 2), after the final norm; the protocol in docs/evaluation.md pools them."""
         noise = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)  # keeps grid order
         latent, _, ids_restore = self.forward_encoder(imgs, 0.0, noise)  # L x (B, N, D)
         _, levels = self.forward_decoder(latent, ids_restore)  # L x (B, N, D), top level first
-        # DEVIATION: the final norm has no weights: pre-training would leave them unused (DDP refuses
-        # that), and a linear head on pooled features absorbs them
-        return nn.functional.layer_norm(levels[0], levels[0].shape[-1:], eps=1e-6)  # (B, N, D)
+        return nn.functional.layer_norm(levels[0], levels[0].shape[-1:], eps=1e-6)  # (B, N, D) DEVIATION: no weights
 
 
-if __name__ == "__main__":  # `python revcolv2.py ARGS` is `python cli.py pretrain revcolv2.py ARGS`, and so is a renamed copy
+if __name__ == "__main__":  # python this_file.py ARGS = python cli.py pretrain this_file.py ARGS
     import sys
 
     import cli

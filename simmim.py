@@ -34,6 +34,7 @@ Deviations from the paper and the official code:
 
 Usage: python cli.py pretrain simmim
 """
+
 import math
 from dataclasses import dataclass
 
@@ -63,8 +64,10 @@ class Config:
         if self.mask_patch_size == 0:  # DEVIATION: scaled for small images, a multiple of the patch size
             self.mask_patch_size = self.patch_size * max(1, round(32 * self.img_size / 224 / self.patch_size))
         if self.mask_patch_size % self.patch_size or self.img_size % self.mask_patch_size:
-            raise ValueError(f"--mask-patch-size {self.mask_patch_size} must be a multiple of --patch-size "
-                             f"{self.patch_size} and divide --img-size {self.img_size}: choose another")
+            raise ValueError(
+                f"--mask-patch-size {self.mask_patch_size} must be a multiple of --patch-size "
+                f"{self.patch_size} and divide --img-size {self.img_size}: choose another"
+            )
 
 
 def simmim_masking(cfg, batch_size, generator=None, device=None):
@@ -98,13 +101,15 @@ class SimMIM(nn.Module):
         self.pos_embed = nn.Parameter(pos_embed, requires_grad=False)  # fixed sin-cos (MAE paper, A.1)
         drop_path = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
-            [common.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, drop_path=dp) for dp in drop_path])
+            [common.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, drop_path=dp) for dp in drop_path]
+        )
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))  # encoder width, learned (SimMIM Sec. 3.1)
         # --- SimMIM prediction head: one linear layer per patch (a 1x1 conv), then pixels back in place ---
         self.decoder = nn.Sequential(  # official models/simmim.py: Conv2d(num_features, stride**2 * 3, 1)
             nn.Conv2d(cfg.embed_dim, cfg.patch_size**2 * cfg.in_chans, kernel_size=1),  # (B, P*P*C, H/P, W/P)
-            nn.PixelShuffle(cfg.patch_size))  # (B, C, H, W); the encoder stride is the patch size (SimMIM Sec. 3.3)
+            nn.PixelShuffle(cfg.patch_size),
+        )  # (B, C, H, W); the encoder stride is the patch size (SimMIM Sec. 3.3)
         # --- initialisation (official MAE initialize_weights) ---
         common.init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -140,8 +145,10 @@ class SimMIM(nn.Module):
         if mask is None:
             mask = simmim_masking(self.cfg, imgs.shape[0], device=imgs.device)  # (B, N)
         if tuple(mask.shape) != (imgs.shape[0], self.num_patches):
-            raise ValueError(f"mask must be (B, N) = ({imgs.shape[0]}, {self.num_patches}), one value per model "
-                             f"patch with 1 = masked, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be (B, N) = ({imgs.shape[0]}, {self.num_patches}), one value per model "
+                f"patch with 1 = masked, got {tuple(mask.shape)}"
+            )
         mask = mask.float()
         latent = self.forward_encoder(imgs, mask)  # (B, 1 + N, D)
         pred = self.forward_decoder(latent)  # (B, N, P*P*C)
@@ -150,12 +157,12 @@ class SimMIM(nn.Module):
 
     def forward_features(self, imgs):
         """Evaluation features: the encoder on the whole image, (B, N, D) patch tokens in grid order
-        after the final norm (the protocol in README.md#evaluation pools them)."""
+        after the final norm (the protocol in docs/evaluation.md pools them)."""
         latent = self.forward_encoder(imgs, imgs.new_zeros(imgs.shape[0], self.num_patches))  # nothing masked
         return latent[:, 1:, :]  # (B, N, D)
 
 
-if __name__ == "__main__":  # `python simmim.py ARGS` is `python cli.py pretrain simmim.py ARGS`, and so is a renamed copy
+if __name__ == "__main__":  # python this_file.py ARGS = python cli.py pretrain this_file.py ARGS
     import sys
 
     import cli

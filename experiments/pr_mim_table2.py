@@ -16,6 +16,7 @@ on the same 1,024 held-out images with the same masks:
 A random-initialisation row gives the floor. Prints a markdown table (mean +- std over seeds) and
 writes results.json beside the runs.
 """
+
 import argparse
 import json
 import os
@@ -57,8 +58,22 @@ def finished(run, epochs):
 def train(run, options, seed, epochs, train_size):
     if finished(run, epochs):
         return None
-    cmd = [sys.executable, "cli.py", "pretrain", "pr-mim", *options, "--seed", str(seed), "--epochs", str(epochs),
-           "--train-size", str(train_size), "--out", str(run), "--overwrite"]
+    cmd = [
+        sys.executable,
+        "cli.py",
+        "pretrain",
+        "pr-mim",
+        *options,
+        "--seed",
+        str(seed),
+        "--epochs",
+        str(epochs),
+        "--train-size",
+        str(train_size),
+        "--out",
+        str(run),
+        "--overwrite",
+    ]
     print(" ".join(cmd[1:]), flush=True)
     tick = time.perf_counter()
     # one thread per process: small models on a shared CPU run faster so (the data worker adds a process)
@@ -146,13 +161,17 @@ def main():
             return fmt.format(values[0])
         return (fmt + " +- " + fmt).format(statistics.mean(values), statistics.stdev(values))
 
-    print(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), cpu preset, {args.epochs} epochs of "
-          f"{args.train_size} images\n")
+    print(
+        f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), cpu preset, {args.epochs} epochs of "
+        f"{args.train_size} images\n"
+    )
     print("| row | loss, all masked, full decoder | loss, all masked, own path | kNN top-1 (%) |")
     print("|---|---|---|---|")
     for name, rows in results.items():
-        print(f"| {name} | {cell(rows, 'loss_full_decoder', '{:.4f}')} | {cell(rows, 'loss_own_path', '{:.4f}')} "
-              f"| {cell(rows, 'knn_top1', '{:.1f}')} |")
+        print(
+            f"| {name} | {cell(rows, 'loss_full_decoder', '{:.4f}')} | {cell(rows, 'loss_own_path', '{:.4f}')} "
+            f"| {cell(rows, 'knn_top1', '{:.1f}')} |"
+        )
 
 
 if __name__ == "__main__":

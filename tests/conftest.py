@@ -1,4 +1,5 @@
 """Shared test helpers: run the CLI as a user would, in a subprocess, from the project root."""
+
 import json
 import os
 import subprocess
@@ -12,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cli(*args, timeout=600, env=None):
     """`python cli.py ARGS` in the project root; returns the CompletedProcess (text, not checked)."""
     env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    return subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "cli.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 # A process that has imported cli.py once and forks a child for each command: the child runs cli.main(ARGS),
@@ -48,8 +50,14 @@ class ForkedCli:
 
     def __enter__(self):
         env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
-        self.server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=ROOT, stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, text=True, env=env)
+        self.server = subprocess.Popen(
+            [sys.executable, "-c", FORK_SERVER],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.tmp = tempfile.TemporaryDirectory()
         return self
 
@@ -66,3 +74,23 @@ class ForkedCli:
         self.server.stdin.close()
         self.server.wait(timeout=60)
         self.tmp.cleanup()
+
+
+class ForkedCliIn(ForkedCli):
+    """ForkedCli whose commands run in the folder `cwd` (cli.py still imported from the project root)."""
+
+    def __init__(self, cwd):
+        self.cwd = cwd
+
+    def __enter__(self):
+        env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
+        self.server = subprocess.Popen(
+            [sys.executable, "-c", FORK_SERVER],
+            cwd=self.cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.tmp = tempfile.TemporaryDirectory()
+        return self

@@ -1,5 +1,6 @@
 """bench.py and `cli.py bench`: FLOPs against a hand count, the grouped-conv correction, saved bytes
 counted once per storage, ratios, BENCH_VARIANTS rows, and the command line."""
+
 import ast
 import json
 import time
@@ -7,13 +8,13 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+from conftest import ROOT, run_cli
 from torch.utils.flop_counter import FlopCounterMode
 
-from evaluation import bench
 import cli
 import common
 import mae
-from conftest import ROOT, run_cli
+from evaluation import bench
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread is faster, above all on a busy machine
 
@@ -90,8 +91,24 @@ def test_bench_never_names_a_method():
 
 
 def test_cli_bench_compare_with_variants_as_json():
-    result = run_cli("bench", "pr-mim", "--preset", "tiny", "--compare", "mae", "--batch-size", "2", "--steps", "1",
-                     "--warmup", "0", "--rounds", "1", "--json", env=ONE_THREAD)
+    result = run_cli(
+        "bench",
+        "pr-mim",
+        "--preset",
+        "tiny",
+        "--compare",
+        "mae",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--rounds",
+        "1",
+        "--json",
+        env=ONE_THREAD,
+    )
     assert result.returncode == 0, result.stderr + result.stdout
     rows = {r["name"]: r for r in json.loads(result.stdout)}
     assert list(rows)[:2] == ["mae", "pr-mim"] and "pr-mim: throw 0.65, no progressive" in rows  # BENCH_VARIANTS rows
@@ -105,11 +122,28 @@ def test_cli_bench_compare_with_variants_as_json():
 
 
 def test_cli_bench_table_skips_impossible_variants_and_refuses_bad_options():
-    result = run_cli("bench", "pr-mim", "--preset", "tiny", "--base", "simmim", "--compare", "simmim",
-                     "--batch-size", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", env=ONE_THREAD)
+    result = run_cli(
+        "bench",
+        "pr-mim",
+        "--preset",
+        "tiny",
+        "--mask-ratio",
+        "0.6",
+        "--compare",
+        "simmim",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--rounds",
+        "1",
+        env=ONE_THREAD,
+    )
     assert result.returncode == 0, result.stderr + result.stdout
     assert "GFLOPs/img fwd+bwd" in result.stdout and "simmim" in result.stdout
-    assert "skipped pr-mim: throw 0.65" in result.stdout  # above SimMIM's mask ratio 0.6
+    assert "skipped pr-mim: throw 0.65" in result.stdout  # above the mask ratio 0.6
     with pytest.raises(ValueError, match="--steps"):
         bench.run([], steps=0)
 
@@ -120,8 +154,20 @@ def test_cli_bench_data_measures_the_loader_alone():
     the rate is at least the images counted over the whole command's time. The rate itself against a known
     per-batch time: the next test. (A missing data folder and other bad --data input: tests/test_cli_errors.py.)"""
     tick = time.perf_counter()
-    result = run_cli("bench", "mae", "--preset", "tiny", "--data", "shapes", "--num-workers", 1, "--batches", 3,
-                     "--json", env=ONE_THREAD)
+    result = run_cli(
+        "bench",
+        "mae",
+        "--preset",
+        "tiny",
+        "--data",
+        "shapes",
+        "--num-workers",
+        1,
+        "--batches",
+        3,
+        "--json",
+        env=ONE_THREAD,
+    )
     wall = time.perf_counter() - tick
     assert result.returncode == 0, result.stderr + result.stdout
     row = json.loads(result.stdout)
@@ -166,8 +212,9 @@ def test_loader_throughput_times_the_pretraining_loaders_batches_after_the_warmu
         return Slowed(loader), sampler
 
     monkeypatch.setattr(common, "pretrain_loader", slowed_pretrain_loader)
-    result = bench.loader_throughput(train_set, "shapes", cfg.img_size, lambda g: mae.sample_inputs(cfg, g),
-                                     32, timed, warmup, 0, "cpu")
+    result = bench.loader_throughput(
+        train_set, "shapes", cfg.img_size, lambda g: mae.sample_inputs(cfg, g), 32, timed, warmup, 0, "cpu"
+    )
     assert len(pulled) == warmup + timed  # exactly the warm-up and the timed batches were drawn
     expected = timed * 32 / sum(seconds for _, seconds in pulled[warmup:])
     assert expected / 1.25 < result["images_per_s"] <= expected * 1.001, (result, expected)

@@ -1,4 +1,5 @@
 """Data sets and the seeded data pipeline, on tiny generated folders of the real layouts."""
+
 import gzip
 import struct
 

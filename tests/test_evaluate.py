@@ -1,4 +1,5 @@
 """Evaluation: finetune, linprobe, knn, visualize, the results table, official checkpoints, bad input."""
+
 import argparse
 import json
 import math
@@ -11,9 +12,8 @@ from conftest import ForkedCli, run_cli
 
 import cli
 import common
-from evaluation import evaluate
 import mae
-from evaluation import results
+from evaluation import evaluate, results
 
 TINY = {k: v for k, v in common.PRESETS["tiny"].items() if k in mae.Config.__dataclass_fields__}
 FAST = ["--train-size", "64", "--val-size", "32", "--num-workers", "0"]
@@ -39,7 +39,9 @@ def tiny_run(tmp_path_factory, cli_run):
 def read_result(folder):
     result = json.loads((Path(folder) / "result.json").read_text())
     assert (Path(folder) / "config.json").is_file() and result["git"]
-    assert (Path(folder) / "code" / "evaluate.py").is_file() and (Path(folder) / "code" / "pretrain" / "mae.py").is_file()
+    assert (Path(folder) / "code" / "evaluate.py").is_file() and (
+        Path(folder) / "code" / "pretrain" / "mae.py"
+    ).is_file()
     return result
 
 
@@ -135,9 +137,16 @@ def test_knn_sees_what_training_taught_the_encoder(tmp_path, cli_run):
     finally:
         torch.set_num_threads(threads)
     (tmp_path / "run").mkdir()
-    torch.save({"model": model.state_dict(), "method": "mae", "config": dataclasses.asdict(model.cfg),
-                "train": {"data": "folder", "data_dir": str(data)}, "code": {"mae.py": Path(mae.__file__).read_text()}},
-               tmp_path / "run" / "checkpoint.pt")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "method": "mae",
+            "config": dataclasses.asdict(model.cfg),
+            "train": {"data": "folder", "data_dir": str(data)},
+            "code": {"mae.py": Path(mae.__file__).read_text()},
+        },
+        tmp_path / "run" / "checkpoint.pt",
+    )
     for extra in ([], ["--random-init"]):
         r = cli_run("knn", tmp_path / "run", "--num-workers", "0", *extra)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -153,8 +162,24 @@ def probes(tiny_run, colours, tmp_path_factory, cli_run):
     """linprobe of the tiny run on the colours, 4 epochs of 4 steps, without and with --augment (the same seed)."""
     out = tmp_path_factory.mktemp("probes")
     for name, extra in (("plain", []), ("augment", ["--augment"])):
-        r = cli_run("linprobe", tiny_run, *COLOURS, "--data-dir", colours, "--epochs", "4", "--warmup-epochs", "0",
-                    "--batch-size", "16", "--blr", "1", *extra, "--out", out / name)
+        r = cli_run(
+            "linprobe",
+            tiny_run,
+            *COLOURS,
+            "--data-dir",
+            colours,
+            "--epochs",
+            "4",
+            "--warmup-epochs",
+            "0",
+            "--batch-size",
+            "16",
+            "--blr",
+            "1",
+            *extra,
+            "--out",
+            out / name,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
     return out
 
@@ -185,8 +210,28 @@ def test_finetune_cli_with_ema(tiny_run, tmp_path, cli_run):
     """One step per epoch, and the warm-up starts at lr 0, so step 1 leaves the weights at their start p0 and
     step 2 moves them to p2: the EMA with decay 0.9 is then exactly 0.9 p0 + 0.1 p2 (whether it starts from the
     weights after step 1, as torch's AveragedModel, or from the initial ones, as timm's ModelEma)."""
-    r = cli_run("finetune", tiny_run, "--train-size", "32", "--val-size", "32", "--num-workers", "0", "--epochs", "2",
-                "--batch-size", "32", "--warmup-epochs", "1", "--blr", "5e-2", "--ema", "0.9", "--out", tmp_path / "ft")
+    r = cli_run(
+        "finetune",
+        tiny_run,
+        "--train-size",
+        "32",
+        "--val-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--warmup-epochs",
+        "1",
+        "--blr",
+        "5e-2",
+        "--ema",
+        "0.9",
+        "--out",
+        tmp_path / "ft",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     result = read_result(tmp_path / "ft")
     log = read_log(tmp_path / "ft")
@@ -208,7 +253,7 @@ def test_finetune_cli_with_ema(tiny_run, tmp_path, cli_run):
     assert result["metrics"]["ema_top1"] == log[1]["ema_top1"]
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["model_config"]["drop_path"] == 0.1
     # the fine-tuned encoder is a checkpoint of ours: the other evaluations read it
-    model, info = evaluate.load_model(tmp_path / "ft", cli.METHODS)
+    model, info = evaluate.load_model(tmp_path / "ft", cli.method_of)
     assert info["ckpt"]["head"]["head"]["weight"].shape == (8, model.cfg.embed_dim)
     assert evaluate.pretraining_summary(info)[0].startswith("fine-tuned 2 ep")
 
@@ -216,9 +261,33 @@ def test_finetune_cli_with_ema(tiny_run, tmp_path, cli_run):
 def test_finetune_learns_a_learnable_task(tiny_run, colours, tmp_path, cli_run):
     """3 epochs of 4 steps on the colours (no mixup, cutmix, RandAugment or erasing, to learn fast): far above
     chance (0.25), and the validation loss falls well below that of a head that guesses (ln 4)."""
-    r = cli_run("finetune", tiny_run, *COLOURS, "--data-dir", colours, "--epochs", "3", "--batch-size", "16",
-                "--warmup-epochs", "0", "--blr", "3e-2", "--mixup", "0", "--cutmix", "0", "--randaug-n", "0",
-                "--reprob", "0", "--smoothing", "0", "--out", tmp_path / "ft")
+    r = cli_run(
+        "finetune",
+        tiny_run,
+        *COLOURS,
+        "--data-dir",
+        colours,
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--warmup-epochs",
+        "0",
+        "--blr",
+        "3e-2",
+        "--mixup",
+        "0",
+        "--cutmix",
+        "0",
+        "--randaug-n",
+        "0",
+        "--reprob",
+        "0",
+        "--smoothing",
+        "0",
+        "--out",
+        tmp_path / "ft",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     result, log = read_result(tmp_path / "ft"), read_log(tmp_path / "ft")
     assert [row["epoch"] for row in log] == [1, 2, 3] and result["metrics"]["top1"] == log[-1]["top1"]
@@ -229,20 +298,21 @@ def test_finetune_learns_a_learnable_task(tiny_run, colours, tmp_path, cli_run):
 def test_visualize_cli_writes_png_of_the_right_size(tiny_run, tmp_path, cli_run):
     r = cli_run("visualize", tiny_run, "--num-images", "3", "--out", tmp_path / "v.png", *FAST)
     assert r.returncode == 0, r.stdout + r.stderr
-    # 3 rows x 4 columns of 32-px images enlarged 4x (the default: about 128 px)
-    assert png_size(tmp_path / "v.png") == evaluate.grid_size(3, 4, 128)
+    # 3 rows x 4 columns of 32-px images enlarged 4x (the default: about 128 px), 2 px apart, under a header of text
+    width, height = png_size(tmp_path / "v.png")
+    assert width == 4 * 128 + 5 * 2 and 3 * 128 + 4 * 2 + 24 <= height <= 3 * 128 + 4 * 2 + 64, (width, height)
     from PIL import Image
 
     Image.open(tmp_path / "v.png").verify()  # the whole file decodes
-    # the pretraining hook drew the same kind of picture at the end of the epoch (8 rows)
-    assert png_size(tiny_run / "vis-epoch0001.png") == evaluate.grid_size(8, 4, 128)
+    # the pretraining hook drew the same kind of picture at the end of the epoch (8 rows), with the same header
+    assert png_size(tiny_run / "vis-epoch0001.png") == (width, height + 5 * (128 + 2))
 
 
 def test_visualize_masks_are_seedable_and_norm_pix_is_labelled():
     torch.manual_seed(0)
     model = mae.MAE(mae.Config(**TINY, in_chans=3))
     data = common.load_dataset("shapes", "val", size=4, img_size=32)
-    draw = cli._Bound(mae.sample_inputs, model.cfg)
+    draw = cli.bound_inputs(mae, model.cfg)
     cols0, note = evaluate.reconstructions(model, data, "shapes", 32, draw, n=4, seed=0)
     cols0b, _ = evaluate.reconstructions(model, data, "shapes", 32, draw, n=4, seed=0)
     cols1, _ = evaluate.reconstructions(model, data, "shapes", 32, draw, n=4, seed=1)
@@ -326,7 +396,9 @@ def test_layer_decay_continues_through_the_columns_a_model_uses_for_its_features
         assert all(v == decay ** (depth - j) for k, v in scale.items() if k.startswith(f"encoder.blocks.{j}."))
     for j in range(model.cfg.decoder_columns):
         col = model.cfg.encoder_columns + j
-        assert all(v == decay ** (depth - col) for k, v in scale.items() if k.startswith(f"encoder.decoder_blocks.{j}."))
+        assert all(
+            v == decay ** (depth - col) for k, v in scale.items() if k.startswith(f"encoder.decoder_blocks.{j}.")
+        )
     assert scale["head.weight"] == 1.0
 
 
@@ -345,8 +417,16 @@ def test_knn_recovers_labels_of_separable_features():
 
 def official_checkpoint(path, full=False):
     """A checkpoint in the official MAE format: {"model": state dict, "args": Namespace}."""
-    cfg = mae.Config(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, decoder_embed_dim=64,
-                     decoder_depth=1, decoder_num_heads=16)
+    cfg = mae.Config(
+        img_size=32,
+        patch_size=8,
+        embed_dim=192,
+        depth=2,
+        num_heads=3,
+        decoder_embed_dim=64,
+        decoder_depth=1,
+        decoder_num_heads=16,
+    )
     model = mae.MAE(cfg)
     state = {k: v for k, v in model.state_dict().items() if full or not (k.startswith("decoder") or k == "mask_token")}
     args = argparse.Namespace(model="mae_vit_tiny", input_size=32, mask_ratio=0.75, norm_pix_loss=True, epochs=800)
@@ -356,7 +436,7 @@ def official_checkpoint(path, full=False):
 
 def test_official_encoder_only_checkpoint(tmp_path, cli_run):
     ours = official_checkpoint(tmp_path / "official.pth")
-    loaded, info = evaluate.load_model(tmp_path / "official.pth", cli.METHODS, "mae")
+    loaded, info = evaluate.load_model(tmp_path / "official.pth", cli.method_of, "mae")
     assert info["official"] and loaded.cfg.embed_dim == 192 and loaded.cfg.num_heads == 3 and loaded.cfg.depth == 2
     imgs = torch.randn(2, 3, 32, 32)
     assert torch.allclose(loaded.eval().forward_features(imgs), ours.eval().forward_features(imgs), atol=1e-6)
@@ -364,37 +444,52 @@ def test_official_encoder_only_checkpoint(tmp_path, cli_run):
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((tmp_path / "knn" / "result.json").read_text())["pretraining"] == "official checkpoint"
     full = official_checkpoint(tmp_path / "full.pth", full=True)  # official *_full.pth: with the decoder
-    loaded, _ = evaluate.load_model(tmp_path / "full.pth", cli.METHODS, "mae", need_all=True)
+    loaded, _ = evaluate.load_model(tmp_path / "full.pth", cli.method_of, "mae", need_all=True)
     assert loaded.cfg.decoder_depth == 1 and loaded.cfg.decoder_embed_dim == 64 and loaded.cfg.norm_pix_loss is True
     noise = torch.rand(2, 16)
     assert torch.equal(loaded.eval()(imgs, noise=noise)[1], full.eval()(imgs, noise=noise)[1])
     r = cli_run("visualize", tmp_path / "official.pth", "--data", "shapes", *FAST)
-    assert r.returncode == 2 and "lacks weights of the whole model" in r.stderr and "Traceback" not in r.stdout + r.stderr
+    assert (
+        r.returncode == 2 and "lacks weights of the whole model" in r.stderr and "Traceback" not in r.stdout + r.stderr
+    )
 
 
 def test_bad_input_gets_a_clear_error(tiny_run):
     """(The command-line cases are in tests/test_cli_errors.py.)"""
-    model, info = evaluate.load_model(tiny_run, cli.METHODS)
+    model, info = evaluate.load_model(tiny_run, cli.method_of)
     with pytest.raises(ValueError, match=r"fashion-mnist has 1 channel\(s\) but the model takes 3"):
         evaluate.eval_datasets(evaluate.EvalConfig(data="fashion-mnist"), info)
     with pytest.raises(ValueError, match="--k"):
         evaluate.KnnConfig(k=0)
     with pytest.raises(ValueError, match="has no field 'nonsense'"):
-        evaluate.load_model(tiny_run, cli.METHODS, overrides={"nonsense": 1})
+        evaluate.load_model(tiny_run, cli.method_of, overrides={"nonsense": 1})
 
 
 def fake_result(method, data, seed, top1, random_init=False, command="knn"):
-    return {"command": command, "method": method, "data": data, "seed": seed, "random_init": random_init,
-            "encoder": "0.10M params, 32 px", "pretraining": "none (random init)" if random_init else "4 ep x 4,096 img",
-            "settings": "kNN k=20, T=0.07", "metrics": {"top1": top1}, "wall_s": 60.0, "pretrain_wall_s": 120.0,
-            "machine": "test machine"}
+    return {
+        "command": command,
+        "method": method,
+        "data": data,
+        "seed": seed,
+        "random_init": random_init,
+        "encoder": "0.10M params, 32 px",
+        "pretraining": "none (random init)" if random_init else "4 ep x 4,096 img",
+        "settings": "kNN k=20, T=0.07",
+        "metrics": {"top1": top1},
+        "wall_s": 60.0,
+        "pretrain_wall_s": 120.0,
+        "machine": "test machine",
+    }
 
 
 def test_results_table_and_readme(tmp_path):
     found = [fake_result("mae", "shapes", s, t) for s, t in enumerate([0.5, 0.6, 0.7])]
     found += [fake_result("mae", "shapes", s, 0.2, random_init=True) for s in range(3)]
     text = results.table(found)
-    assert "| mae | shapes | 0.10M params, 32 px | 4 ep x 4,096 img | kNN k=20, T=0.07 | 60.0 ± 10.0 | 20.0 ± 0.0 | 3 (0, 1, 2) | 2.0 min | 1.0 min | test machine |" in text
+    assert (
+        "| mae | shapes | 0.10M params, 32 px | 4 ep x 4,096 img | kNN k=20, T=0.07 | 60.0 ± 10.0 | 20.0 ± 0.0 | 3 (0, 1, 2) | 2.0 min | 1.0 min | test machine |"  # noqa: E501
+        in text
+    )
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{results.BEGIN}\nold\n{results.END}\noutro\n")
     other = [fake_result("simmim", "shapes", 0, 0.9)]
@@ -441,17 +536,22 @@ def test_random_init_encoder_evaluates_worse_than_a_briefly_trained_one(tmp_path
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    ckpt = {"model": model.state_dict(), "method": "mae", "config": dataclasses.asdict(model.cfg),
-            "train": {"data": "fashion-mnist", "train_size": 512, "val_size": 256}}
+    ckpt = {
+        "model": model.state_dict(),
+        "method": "mae",
+        "config": dataclasses.asdict(model.cfg),
+        "train": {"data": "fashion-mnist", "train_size": 512, "val_size": 256},
+    }
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     top1 = {}
     for random_init in (False, True):
-        loaded, info = evaluate.load_model(tmp_path, cli.METHODS, random_init=random_init)
+        loaded, info = evaluate.load_model(tmp_path, cli.method_of, random_init=random_init)
         ecfg = evaluate.EvalConfig(random_init=random_init, num_workers=0, out=str(tmp_path / f"knn{random_init}"))
         knn, _ = evaluate.run_knn(loaded, info, ecfg, evaluate.KnnConfig(), [], Console(file=io.StringIO()))
         ecfg.out = str(tmp_path / f"probe{random_init}")
-        probe, _ = evaluate.run_linprobe(loaded, info, ecfg, evaluate.LinprobeConfig(epochs=20, warmup_epochs=2), [],
-                                         Console(file=io.StringIO()))
+        probe, _ = evaluate.run_linprobe(
+            loaded, info, ecfg, evaluate.LinprobeConfig(epochs=20, warmup_epochs=2), [], Console(file=io.StringIO())
+        )
         top1[random_init] = knn["metrics"]["top1"], probe["metrics"]["top1"]
     assert top1[False][0] > top1[True][0] + 0.05, top1  # knn
     assert top1[False][1] > top1[True][1] + 0.05, top1  # linear probe
@@ -464,19 +564,63 @@ def test_finetune_on_two_processes_matches_one(tiny_run, tmp_path):
     import subprocess
     import sys
 
-    plain = ["--train-size", "64", "--val-size", "32", "--num-workers", "0", "--epochs", "2", "--mixup", "0",
-             "--cutmix", "0", "--drop-path", "0", "--reprob", "0", "--blr", "1e-2", "--warmup-epochs", "0"]
+    plain = [
+        "--train-size",
+        "64",
+        "--val-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--epochs",
+        "2",
+        "--mixup",
+        "0",
+        "--cutmix",
+        "0",
+        "--drop-path",
+        "0",
+        "--reprob",
+        "0",
+        "--blr",
+        "1e-2",
+        "--warmup-epochs",
+        "0",
+    ]
     r = run_cli("finetune", tiny_run, *plain, "--batch-size", "32", "--out", tmp_path / "one")
     assert r.returncode == 0, r.stdout + r.stderr
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "COLUMNS": "200"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-addr",
-                        "127.0.0.1", "--master-port", "29531", "cli.py", "finetune", str(tiny_run), *plain,
-                        "--batch-size", "16", "--out", str(tmp_path / "two")], cwd=Path(cli.__file__).parent,
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            "29531",
+            "cli.py",
+            "finetune",
+            str(tiny_run),
+            *plain,
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        cwd=Path(cli.__file__).parent,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two"))
     start = torch.load(tiny_run / "checkpoint.pt", weights_only=False)["model"]
-    assert (one["model"]["blocks.0.attn.qkv.weight"] - start["blocks.0.attn.qkv.weight"]).abs().max() > 1e-3  # it trained
+    assert (
+        one["model"]["blocks.0.attn.qkv.weight"] - start["blocks.0.attn.qkv.weight"]
+    ).abs().max() > 1e-3  # it trained
     for name in one["model"]:
         assert torch.allclose(one["model"][name], two["model"][name], atol=1e-5), name
     assert torch.allclose(one["head"]["head"]["weight"], two["head"]["head"]["weight"], atol=1e-5)

@@ -1,16 +1,17 @@
 """`cli.py export`: our encoders (and official MAE checkpoints) as plain state dicts that timm's
 VisionTransformer loads with strict=True and that compute the same features."""
+
 import argparse
 import dataclasses
 
 import pytest
 import torch
+from conftest import run_cli
 
 import cli
-from evaluation import evaluate
 import mae
 import revcolv2
-from conftest import run_cli
+from evaluation import evaluate
 
 timm = pytest.importorskip("timm")
 
@@ -32,7 +33,7 @@ def load_printed_vit(stdout):
     code = "\n".join(lines[start : start + 3])
     assert lines[start + 2].startswith("vit.load_state_dict(") and "strict=True" in code
     scope = {}
-    exec(code, scope)  # noqa: S102: the snippet is what a user would paste
+    exec(code, scope)  # the snippet is what a user would paste
     return scope["vit"]
 
 
@@ -46,7 +47,7 @@ def test_export_loads_into_timm_and_computes_the_same_features(runs, method):
     assert not any(k.startswith("decoder") or k == "mask_token" for k in state)  # no decoder, no method-only tensor
     vit = load_printed_vit(r.stdout).eval()  # strict=True: every timm tensor is there and nothing else
     assert set(state) == set(vit.state_dict())
-    model, _ = evaluate.load_model(runs / method, cli.METHODS)
+    model, _ = evaluate.load_model(runs / method, cli.method_of)
     imgs = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         theirs = vit.forward_features(imgs)  # (B, 1 + N, D) after the final norm, cls token first
@@ -58,8 +59,18 @@ def test_export_loads_into_timm_and_computes_the_same_features(runs, method):
 def test_export_of_an_official_mae_checkpoint_keeps_its_tensors(tmp_path):
     """Also: --overwrite replaces a file (without it the file is refused: tests/test_cli_errors.py)."""
     torch.manual_seed(0)
-    model = mae.MAE(mae.Config(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, decoder_embed_dim=64,
-                               decoder_depth=1, decoder_num_heads=16))
+    model = mae.MAE(
+        mae.Config(
+            img_size=32,
+            patch_size=8,
+            embed_dim=192,
+            depth=2,
+            num_heads=3,
+            decoder_embed_dim=64,
+            decoder_depth=1,
+            decoder_num_heads=16,
+        )
+    )
     encoder = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder") and k != "mask_token"}
     args = argparse.Namespace(model="mae_vit_tiny", input_size=32, mask_ratio=0.75, norm_pix_loss=True)
     torch.save({"model": encoder, "args": args, "epoch": 799}, tmp_path / "official.pth")
@@ -75,8 +86,10 @@ def test_export_of_an_official_mae_checkpoint_keeps_its_tensors(tmp_path):
 def test_a_model_that_is_not_a_timm_vit_is_refused_in_one_line(tmp_path):
     cfg, _ = cli.resolve(revcolv2, "tiny", None, {})
     model = revcolv2.RevColV2(cfg)
-    torch.save({"model": model.state_dict(), "method": "revcolv2", "config": dataclasses.asdict(cfg)},
-               tmp_path / "checkpoint.pt")
+    torch.save(
+        {"model": model.state_dict(), "method": "revcolv2", "config": dataclasses.asdict(cfg)},
+        tmp_path / "checkpoint.pt",
+    )
     (tmp_path / "encoder_timm.pth").write_bytes(b"an older export")
     r = run_cli("export", tmp_path, "--overwrite")
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
@@ -88,8 +101,18 @@ def test_a_model_that_is_not_a_timm_vit_is_refused_in_one_line(tmp_path):
 def test_export_checks_the_features_not_only_the_names():
     """A model with timm's names whose forward_features does something else is refused."""
     torch.manual_seed(0)
-    model = mae.MAE(mae.Config(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
-                               decoder_depth=1, decoder_num_heads=4))
+    model = mae.MAE(
+        mae.Config(
+            img_size=32,
+            patch_size=8,
+            embed_dim=64,
+            depth=2,
+            num_heads=4,
+            decoder_embed_dim=32,
+            decoder_depth=1,
+            decoder_num_heads=4,
+        )
+    )
     info = {"method": "changed", "needed": evaluate.feature_param_names(model)[0]}
     model.forward_features = lambda imgs: mae.MAE.forward_features(model, imgs) * 2  # e.g. a scaled output
     with pytest.raises(ValueError, match="not those of a plain ViT"):
@@ -114,7 +137,8 @@ def test_every_method_exports_to_timm_or_is_refused(method):
         return
     state, kwargs = evaluate.export_timm(model, info, "x.pt")
     vit = timm.models.vision_transformer.VisionTransformer(
-        **kwargs, qkv_bias=True, num_classes=0, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+        **kwargs, qkv_bias=True, num_classes=0, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)
+    ).eval()
     vit.load_state_dict(state, strict=True)
     imgs = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

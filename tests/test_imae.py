@@ -1,5 +1,6 @@
 """i-MAE (imae.py) and our separability metric (separability.py): the mixing rule, the loss terms, the frozen
 teacher, and the CLI (`pretrain i-mae`, `--teacher`, `separability`)."""
+
 import dataclasses
 import json
 import shutil
@@ -7,13 +8,13 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_cli
 
 import cli
 import common
 import imae
 import mae
 from evaluation import separability
-from conftest import run_cli
 
 
 def tiny_config(**overrides):
@@ -144,7 +145,8 @@ def test_loss_is_both_reconstructions_plus_distill_weight_times_both_distillatio
             if param.requires_grad:
                 param.add_(0.1 * torch.randn_like(param))
     cfg, B, r = model.cfg, 6, model.cfg.mask_ratio
-    sd, teacher_sd = model.state_dict(), model.teacher.state_dict()
+    sd = model.state_dict()
+    teacher_sd = {k: v.double() for k, v in torch.load(tmp_path / "mae.pt", weights_only=True)["model"].items()}
     imgs, labels = torch.randn(B, 3, cfg.img_size, cfg.img_size, dtype=torch.float64), torch.tensor([0, 1, 0, 2, 1, 0])
     head = lambda name, x: F.linear(x, sd[f"{name}.weight"], sd[f"{name}.bias"])  # noqa: E731
     seen_sides, seen_same_class = set(), False
@@ -164,8 +166,10 @@ def test_loss_is_both_reconstructions_plus_distill_weight_times_both_distillatio
         pred_sub, pred_dom = (official_decoder(sd, cfg, h, ids_restore) for h in (h_sub, h_dom))
         recon = official_loss(cfg, x_sub, pred_sub, mask) + official_loss(cfg, x_dom, pred_dom, mask)
         teacher_embed = teacher_sd["decoder_embed.weight"], teacher_sd["decoder_embed.bias"]
-        t_sub, t_dom = (F.linear(official_encoder(teacher_sd, cfg, x, inputs["noise"], r)[0], *teacher_embed)
-                        for x in (x_sub, x_dom))  # the teacher's latents of the clean images, under the same mask
+        t_sub, t_dom = (
+            F.linear(official_encoder(teacher_sd, cfg, x, inputs["noise"], r)[0], *teacher_embed)
+            for x in (x_sub, x_dom)
+        )  # the teacher's latents of the clean images, under the same mask
         distill = ((h_sub - t_sub) ** 2).mean() + ((h_dom - t_dom) ** 2).mean()  # plain MSE, cls token included
         assert recon > 1e-2 and distill > 1e-3
         for weight in (1.0, 0.25, 3.0):
@@ -224,10 +228,12 @@ def test_teacher_that_does_not_match_names_the_difference(tmp_path):
     official = write_mae_checkpoint(tmp_path / "official.pth").state_dict()  # official layout: {"model", "args"}
     import argparse
 
-    torch.save({"model": official, "args": argparse.Namespace(model="mae_vit_custom_patch8")}, tmp_path / "official.pth")
+    torch.save(
+        {"model": official, "args": argparse.Namespace(model="mae_vit_custom_patch8")}, tmp_path / "official.pth"
+    )
     model = imae.IMAE(tiny_config(teacher=str(tmp_path / "official.pth")))
     model.prepare_pretrain(print)  # architecture read off the state dict
-    assert torch.equal(model.teacher.decoder_embed.weight, official["decoder_embed.weight"])
+    assert torch.equal(model.teacher.decoder_embed1.weight, official["decoder_embed.weight"])
     with pytest.raises(ValueError, match="--init-from-teacher needs --teacher"):
         tiny_config(init_from_teacher=True)
     with pytest.raises(ValueError, match="--same-class-prob"):
@@ -293,8 +299,13 @@ def test_cli_separability_of_a_linear_encoder_is_the_closed_form_of_the_pixel_fl
     A = torch.randn(31, 3, 8, 8, generator=g) / 192**0.5  # 31 random linear read-outs of a patch
     weight, bias = torch.zeros(64, 3, 8, 8), torch.zeros(64)
     weight[:31], weight[31:62], bias[62], bias[63] = A, -A, 1000.0, -1000.0
-    state.update({"patch_embed.proj.weight": weight, "patch_embed.proj.bias": bias,
-                  "pos_embed": torch.zeros_like(state["pos_embed"])})
+    state.update(
+        {
+            "patch_embed.proj.weight": weight,
+            "patch_embed.proj.bias": bias,
+            "pos_embed": torch.zeros_like(state["pos_embed"]),
+        }
+    )
     for key in state:
         if key.startswith("blocks.") and (".attn.proj." in key or ".mlp.fc2." in key):
             state[key] = torch.zeros_like(state[key])  # each block is the identity
@@ -319,7 +330,9 @@ TWO_PROCESS_CASES = {  # name: (options, training steps)
 }
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "val65" else [pytest.mark.slow]) for n in TWO_PROCESS_CASES])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n == "val65" else [pytest.mark.slow]) for n in TWO_PROCESS_CASES]
+)
 def test_two_processes_pair_mix_and_train_exactly_as_one(tmp_path, name):
     """Partners and λ come from the whole gathered batch, in training and for the held-out loss, so 2 processes
     x 8 images = 1 process x 16: the same training losses and the same held-out losses. The held-out set is split
@@ -342,16 +355,44 @@ def test_two_processes_pair_mix_and_train_exactly_as_one(tmp_path, name):
         return [(row["step"], row[key]) for row in lines if key in row]
 
     extra, steps = TWO_PROCESS_CASES[name]
-    args = ("pretrain", "i-mae", "--preset", "tiny", "--epochs", 1, "--log-every", 1, "--teacher", teacher,
-            "--same-class-prob", 0.5, *extra)
+    args = (
+        "pretrain",
+        "i-mae",
+        "--preset",
+        "tiny",
+        "--epochs",
+        1,
+        "--log-every",
+        1,
+        "--teacher",
+        teacher,
+        "--same-class-prob",
+        0.5,
+        *extra,
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     r = run_cli(*args, "--batch-size", 16, "--out", one, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", port, "cli.py", *args, "--batch-size", 8, "--out", two]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        port,
+        "cli.py",
+        *args,
+        "--batch-size",
+        8,
+        "--out",
+        two,
+    ]
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("distilling from") == 1  # rank 0 alone reports

@@ -4,6 +4,7 @@ schedule, Ctrl-C, and bitwise resume of every method with drop path and a data w
 Most runs are children of one fork server (it imports cli.py once), so a run costs its training, not the
 ~3 s start-up of python and torch; each child is still a process of its own, with its own files, pid and
 exit code, so it can be signalled or killed like `python cli.py`."""
+
 import json
 import math
 import os
@@ -67,8 +68,9 @@ class Server:
     def __init__(self):
         # one thread a run: these models are too small to gain from two, and other processes share the cores
         env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         self.tmp = tempfile.TemporaryDirectory()
         self.files = {}
 
@@ -134,8 +136,10 @@ def same_weights(a, b):
     """Equal to float rounding (rtol 1e-5), but for the key bias of attention (the middle third of qkv.bias): a
     softmax ignores a shift shared by all keys, so its gradient is 0 but for rounding noise, which Adam rescales
     into moves of up to a step's lr: its values differ between two summation orders by more than rounding."""
+
     def part(name, w):
         return w.view(3, -1)[[0, 2]] if name.endswith("attn.qkv.bias") else w
+
     return set(a) == set(b) and all(torch.allclose(part(k, a[k]), part(k, b[k]), rtol=1e-5, atol=1e-6) for k in a)
 
 
@@ -177,16 +181,18 @@ def poll_step(run, pid, until, timeout=120):
 # ----------------------------------------------------------------------------------------------------
 # 1-3: gradient accumulation, DDP no_sync, --clip-grad. 128 images, 32 per step: 4 steps/epoch, 2 epochs.
 
-BASE = ("pretrain", "mae", "--preset", "tiny", "--train-size", 128, "--val-size", 32, "--epochs", 2,
-        "--log-every", 1)
+BASE = ("pretrain", "mae", "--preset", "tiny", "--train-size", 128, "--val-size", 32, "--epochs", 2, "--log-every", 1)
 
 
 @pytest.fixture(scope="module")
 def accum_runs(server, runs):
     """Three runs of 8 steps with the gradient norm before every step: 32 images a step in one batch, the same
     32 as two micro-batches of 16, and the first again with --clip-grad 0.01."""
-    spec = {"one": ("--batch-size", 32), "accum": ("--batch-size", 16, "--accum-iter", 2),
-            "clip": ("--batch-size", 32, "--clip-grad", 0.01)}
+    spec = {
+        "one": ("--batch-size", 32),
+        "accum": ("--batch-size", 16, "--accum-iter", 2),
+        "clip": ("--batch-size", 32, "--clip-grad", 0.01),
+    }
     for name, extra in spec.items():
         out = runs / name
         ok(server.run(*BASE, *extra, "--out", out, prelude=GRAD_NORMS.format(path=str(out) + ".norms")))
@@ -201,7 +207,10 @@ def test_gradient_accumulation_trains_like_one_big_batch(accum_runs):
     # the same 32 images per step: the step's loss is the mean of its two micro-batches' (MAE: a mean over
     # images with the same number of masked patches each)
     assert all(close(a[s], b[s]) for s in a), (a, b)
-    lr = lambda run: [row["lr"] for row in read_log(run) if "lr" in row]
+
+    def lr(run):
+        return [row["lr"] for row in read_log(run) if "lr" in row]
+
     assert lr(run["one"]) == lr(run["accum"])  # the lr scales with the effective batch, 32 in both
     # the gradient each optimiser step sees: the mean over the 32 images, not a sum of the micro-batches'
     # (Adam is nearly blind to a gradient's scale, so the weights alone would not show a missing / accum_iter)
@@ -214,16 +223,41 @@ def test_ddp_no_sync_accumulation_matches_one_process(accum_runs, tmp_path):
     """2 processes x 8 images x 2 micro-batches = the 32 images of one process's 16 x 2, step for step."""
     run, _ = accum_runs
     two = tmp_path / "two"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", 2, "--master-addr", "127.0.0.1",
-           "--master-port", free_port(), "cli.py", *BASE, "--batch-size", 8, "--accum-iter", 2, "--out", two]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "200",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        2,
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        free_port(),
+        "cli.py",
+        *BASE,
+        "--batch-size",
+        8,
+        "--accum-iter",
+        2,
+        "--out",
+        two,
+    ]
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = losses(run["accum"]), losses(two)
     assert list(a) == list(b) == list(range(1, 9))
     assert all(close(a[s], b[s]) for s in a), (a, b)
-    lr = lambda run: [row["lr"] for row in read_log(run) if "lr" in row]
+
+    def lr(run):
+        return [row["lr"] for row in read_log(run) if "lr" in row]
+
     assert lr(two) == lr(run["accum"])  # the effective batch counts the processes
     va, vb = val_losses(run["accum"]), val_losses(two)
     assert list(va) == list(vb) == [0, 4, 8] and all(close(va[s], vb[s]) for s in va)
@@ -245,9 +279,30 @@ def test_clip_grad_clips_the_total_norm(accum_runs):
 # ----------------------------------------------------------------------------------------------------
 # 4-5: the schedule, and Ctrl-C. 128 images, 16 x 2 a step: 4 steps/epoch, 3 epochs, 1 of warm-up.
 
-SCHEDULE = ("pretrain", "mae", "--preset", "tiny", "--train-size", 128, "--val-size", 32, "--batch-size", 16,
-            "--accum-iter", 2, "--epochs", 3, "--warmup-epochs", 1, "--blr", 2e-3, "--min-lr", 1e-5,
-            "--log-every", 1)
+SCHEDULE = (
+    "pretrain",
+    "mae",
+    "--preset",
+    "tiny",
+    "--train-size",
+    128,
+    "--val-size",
+    32,
+    "--batch-size",
+    16,
+    "--accum-iter",
+    2,
+    "--epochs",
+    3,
+    "--warmup-epochs",
+    1,
+    "--blr",
+    2e-3,
+    "--min-lr",
+    1e-5,
+    "--log-every",
+    1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +317,11 @@ def test_lr_is_linear_warmup_then_half_cycle_cosine(schedule_run):
     expected = {}
     for step in range(1, total + 1):
         t = step - 1  # a logged step's lr was set before it ran, at the index of the steps done before it
-        expected[step] = peak * t / warmup if t < warmup else \
-            floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+        expected[step] = (
+            peak * t / warmup
+            if t < warmup
+            else floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+        )
     got = {row["step"]: row["lr"] for row in read_log(schedule_run) if "lr" in row}
     assert list(got) == list(expected)
     assert all(math.isclose(got[s], expected[s], rel_tol=1e-9, abs_tol=1e-15) for s in got), (got, expected)
@@ -295,9 +353,28 @@ def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(server, tmp_path):
     out = tmp_path / "run"
     # slow steps (~0.6 s: 256 images at 64 patches each): both signals land early in the step after the one
     # just logged, well before it ends, where one Ctrl-C would stop the run gracefully
-    pid = server.start("pretrain", "mae", "--preset", "tiny", "--patch-size", 4, "--train-size", 2048,
-                       "--val-size", 16, "--batch-size", 256, "--epochs", 1, "--log-every", 1, "--ckpt-every", 1,
-                       "--out", out)
+    pid = server.start(
+        "pretrain",
+        "mae",
+        "--preset",
+        "tiny",
+        "--patch-size",
+        4,
+        "--train-size",
+        2048,
+        "--val-size",
+        16,
+        "--batch-size",
+        256,
+        "--epochs",
+        1,
+        "--log-every",
+        1,
+        "--ckpt-every",
+        1,
+        "--out",
+        out,
+    )
     seen = poll_step(out, pid, lambda step: step >= 1)
     assert seen is not None and seen <= 4, "the run ended before it could be interrupted"
     os.kill(pid, signal.SIGINT)
@@ -321,8 +398,28 @@ DROP_PATH = 0.1
 
 
 def resume_args(method, drop_path):
-    return ("pretrain", method, "--preset", "tiny", "--train-size", 64, "--val-size", 16, "--batch-size", 8,
-            "--epochs", 2, "--log-every", 1, "--ckpt-every", 3, "--num-workers", 1, "--drop-path", drop_path)
+    return (
+        "pretrain",
+        method,
+        "--preset",
+        "tiny",
+        "--train-size",
+        64,
+        "--val-size",
+        16,
+        "--batch-size",
+        8,
+        "--epochs",
+        2,
+        "--log-every",
+        1,
+        "--ckpt-every",
+        3,
+        "--num-workers",
+        1,
+        "--drop-path",
+        drop_path,
+    )
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -343,8 +440,9 @@ def test_killed_and_resumed_run_with_drop_path_is_bitwise_the_uninterrupted_one(
     a, b = losses(full), losses(cut)
     assert list(b) == list(range(1, 17))  # the killed run's lines after its checkpoint were dropped, none repeated
     differ = [s for s in range(saved + 1, 17) if a[s] != b[s]]
-    assert not differ, f"checkpoint at step {saved}; losses differ from step {differ[0]} on: " + \
-        ", ".join(f"{s}: {a[s]} vs {b[s]}" for s in differ[:3])
+    assert not differ, f"checkpoint at step {saved}; losses differ from step {differ[0]} on: " + ", ".join(
+        f"{s}: {a[s]} vs {b[s]}" for s in differ[:3]
+    )
     assert val_losses(cut) == val_losses(full)  # held-out loss at the epoch ends, 8 after the resume
     wa, wb = weights(full), weights(cut)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

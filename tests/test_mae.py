@@ -1,4 +1,5 @@
 """mae.py against the official MAE code's conventions: layout, masking, loss, state-dict names, timm."""
+
 import argparse
 import functools
 
@@ -10,8 +11,16 @@ import torch.nn.functional as F
 import common
 import mae
 
-SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
-             decoder_depth=1, decoder_num_heads=4)
+SMALL = dict(
+    img_size=32,
+    patch_size=4,
+    embed_dim=64,
+    depth=2,
+    num_heads=4,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=4,
+)
 
 
 def small_model(**overrides):
@@ -189,17 +198,38 @@ def test_norm_pix_target_formula():
 
 def official_vit_b_keys():
     """Names and shapes of facebookresearch/mae's mae_vit_base_patch16_dec512d8b state dict."""
-    shapes = {"cls_token": (1, 1, 768), "pos_embed": (1, 197, 768), "patch_embed.proj.weight": (768, 3, 16, 16),
-              "patch_embed.proj.bias": (768,), "norm.weight": (768,), "norm.bias": (768,),
-              "decoder_embed.weight": (512, 768), "decoder_embed.bias": (512,), "mask_token": (1, 1, 512),
-              "decoder_pos_embed": (1, 197, 512), "decoder_norm.weight": (512,), "decoder_norm.bias": (512,),
-              "decoder_pred.weight": (768, 512), "decoder_pred.bias": (768,)}
+    shapes = {
+        "cls_token": (1, 1, 768),
+        "pos_embed": (1, 197, 768),
+        "patch_embed.proj.weight": (768, 3, 16, 16),
+        "patch_embed.proj.bias": (768,),
+        "norm.weight": (768,),
+        "norm.bias": (768,),
+        "decoder_embed.weight": (512, 768),
+        "decoder_embed.bias": (512,),
+        "mask_token": (1, 1, 512),
+        "decoder_pos_embed": (1, 197, 512),
+        "decoder_norm.weight": (512,),
+        "decoder_norm.bias": (512,),
+        "decoder_pred.weight": (768, 512),
+        "decoder_pred.bias": (768,),
+    }
     for prefix, depth, d in (("blocks", 12, 768), ("decoder_blocks", 8, 512)):
         for i in range(depth):
-            block = {"norm1.weight": (d,), "norm1.bias": (d,), "attn.qkv.weight": (3 * d, d), "attn.qkv.bias": (3 * d,),
-                     "attn.proj.weight": (d, d), "attn.proj.bias": (d,), "norm2.weight": (d,), "norm2.bias": (d,),
-                     "mlp.fc1.weight": (4 * d, d), "mlp.fc1.bias": (4 * d,), "mlp.fc2.weight": (d, 4 * d),
-                     "mlp.fc2.bias": (d,)}
+            block = {
+                "norm1.weight": (d,),
+                "norm1.bias": (d,),
+                "attn.qkv.weight": (3 * d, d),
+                "attn.qkv.bias": (3 * d,),
+                "attn.proj.weight": (d, d),
+                "attn.proj.bias": (d,),
+                "norm2.weight": (d,),
+                "norm2.bias": (d,),
+                "mlp.fc1.weight": (4 * d, d),
+                "mlp.fc1.bias": (4 * d,),
+                "mlp.fc2.weight": (d, 4 * d),
+                "mlp.fc2.bias": (d,),
+            }
             shapes.update({f"{prefix}.{i}.{k}": v for k, v in block.items()})
     return shapes
 
@@ -213,8 +243,9 @@ def test_official_style_checkpoint_loads_strictly(tmp_path):
     """A file shaped like the official ones: {"model": ..., "args": Namespace, "epoch": ...}."""
     source = small_model()
     path = tmp_path / "mae_pretrain_vit_small.pth"
-    torch.save({"model": source.state_dict(), "args": argparse.Namespace(model="mae_vit_base_patch16"), "epoch": 799},
-               path)
+    torch.save(
+        {"model": source.state_dict(), "args": argparse.Namespace(model="mae_vit_base_patch16"), "epoch": 799}, path
+    )
     ckpt = common.load_checkpoint(path)  # weights_only=True, with the official args Namespace allowed
     target = mae.MAE(mae.Config(**SMALL))
     target.load_state_dict(ckpt["model"], strict=True)
@@ -229,8 +260,16 @@ def test_encoder_equals_timm_vision_transformer():
     timm = pytest.importorskip("timm")
     model = small_model().eval()
     vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0, qkv_bias=True, num_classes=0,
-        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6)).eval()
+        img_size=32,
+        patch_size=4,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=0,
+        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+    ).eval()
     encoder = {k: v for k, v in model.state_dict().items() if k in vit.state_dict()}
     vit.load_state_dict(encoder, strict=True)  # every timm parameter comes from our encoder
     assert set(encoder) == {k for k in model.state_dict() if not k.startswith(("decoder", "mask_token"))}

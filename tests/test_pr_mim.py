@@ -1,18 +1,45 @@
 """pr_mim.py: what the decoder sees, the reduction to MAE at throw 0, furthest sampling, loss coverage,
-bad throw values, the SimMIM base, and the CLI as the design card types it."""
+bad throw values, and the CLI as the design card types it. Then its fork experiments/pr_mim_simmim.py
+(PR-MIM on SimMIM, Sec. 4.2): what the encoder sees, the reduction to SimMIM, loss coverage, bad values,
+and `pretrain` and `bench` on the file's path."""
+
+import importlib.util
+import json
+
 import pytest
 import torch
+from conftest import ROOT, ForkedCli, run_cli
 
 import common
 import mae
 import pr_mim
-from conftest import ForkedCli, run_cli
+import simmim
+
+spec = importlib.util.spec_from_file_location("pr_mim_simmim", ROOT / "experiments" / "pr_mim_simmim.py")
+pr_mim_simmim = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pr_mim_simmim)
 
 # ViT-B/16's 14 x 14 grid with narrow widths, so a forward pass costs milliseconds
-GRID14 = dict(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=4, decoder_embed_dim=32,
-              decoder_depth=1, decoder_num_heads=4)
-TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=4, decoder_embed_dim=32,
-            decoder_depth=1, decoder_num_heads=4)
+GRID14 = dict(
+    img_size=224,
+    patch_size=16,
+    embed_dim=32,
+    depth=1,
+    num_heads=4,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=4,
+)
+TINY = dict(
+    img_size=32,
+    patch_size=4,
+    embed_dim=32,
+    depth=1,
+    num_heads=4,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=4,
+)
 
 
 def decoder_input_lengths(model, imgs, **inputs):
@@ -93,33 +120,37 @@ def test_furthest_sampling_count_determinism_and_spread():
     assert inputs["thrown"].sum() == 98 and not (inputs["thrown"] & (model_mask == 0)).any()
 
 
-@pytest.mark.parametrize("base", ["mae", "simmim"])
-def test_loss_covers_every_masked_token_with_progressive_and_retained_ones_without(base):
+def batch_inputs(module, cfg, batch_size):
+    samples = [module.sample_inputs(cfg, torch.Generator().manual_seed(i)) for i in range(batch_size)]
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def supervised_tokens(model, module, imgs):
+    """(thrown, masked, supervised): (B, N) bool each, supervised where the loss has a gradient w.r.t. pred."""
+    inputs = batch_inputs(module, model.cfg, imgs.shape[0])
+    loss, pred, mask = model(imgs, **inputs)
+    pred = pred.detach().requires_grad_()
+    model.forward_loss(imgs, pred, mask, inputs["thrown"]).backward()
+    return inputs["thrown"], mask.bool(), pred.grad.abs().sum(-1) > 0
+
+
+def test_loss_covers_every_masked_token_with_progressive_and_retained_ones_without():
     for progressive in (True, False):
         torch.manual_seed(0)
-        model = pr_mim.PRMIM(pr_mim.Config(**TINY, base=base, progressive=progressive))
-        imgs = torch.randn(2, 3, 32, 32)
-        inputs = [pr_mim.sample_inputs(model.cfg, torch.Generator().manual_seed(i)) for i in range(2)]
-        inputs = {k: torch.stack([s[k] for s in inputs]) for k in inputs[0]}
-        loss, pred, mask = model(imgs, **inputs)
-        pred = pred.detach().requires_grad_()
-        model.forward_loss(imgs, pred, mask, inputs["thrown"]).backward()
-        supervised = pred.grad.abs().sum(-1) > 0  # (B, N)
-        thrown, masked = inputs["thrown"], mask.bool()
+        model = pr_mim.PRMIM(pr_mim.Config(**TINY, progressive=progressive))
+        thrown, masked, supervised = supervised_tokens(model, pr_mim, torch.randn(2, 3, 32, 32))
         assert thrown.any() and (masked & ~thrown).any()
         expected = masked if progressive else masked & ~thrown
-        assert torch.equal(supervised, expected), (base, progressive)
+        assert torch.equal(supervised, expected), progressive
 
 
 def test_bad_throw_values_give_clear_errors():
     for throw in (-0.1, 0.8, 1.5):
         with pytest.raises(ValueError, match=r"--throw must be in \[0, 0.75\]"):
             pr_mim.Config(throw=throw)
-    with pytest.raises(ValueError, match=r"--throw must be in \[0, 0.6\]"):
-        pr_mim.Config(throw=0.65, base="simmim")
     with pytest.raises(ValueError, match="leaves no token"):
         pr_mim.Config(throw=0.75, progressive=False)
-    for bad in (dict(sampling="nearest"), dict(base="beit"), dict(kernel_size=4)):
+    for bad in (dict(sampling="nearest"), dict(kernel_size=4)):
         with pytest.raises(ValueError, match="--" + next(iter(bad)).replace("_", "-")):
             pr_mim.Config(**bad)
     model = pr_mim.PRMIM(pr_mim.Config(**TINY))
@@ -127,23 +158,25 @@ def test_bad_throw_values_give_clear_errors():
         model(torch.randn(1, 3, 32, 32), noise=torch.rand(1, 64), thrown=torch.zeros(1, 64, dtype=torch.bool))
 
 
-def test_simmim_base_throws_from_the_encoder_input():
-    torch.manual_seed(0)
-    model = pr_mim.PRMIM(pr_mim.Config(**GRID14, base="simmim"))  # mask 0.6, throw 0.5: 98 of 196 thrown
-    assert model.cfg.mask_ratio == 0.6 and model.cfg.mask_patch_size == 32
-    seen = []
-    model.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
-    loss, pred, mask = model(torch.randn(2, 3, 224, 224))
-    assert seen[0] == (2, 1 + 98, 32) and pred.shape == (2, 196, 16 * 16 * 3) and torch.isfinite(loss)
-    assert (mask.sum(1) == 120).all()  # ceil(49 * 0.6) mask patches of 2 x 2 model patches
-
-
 def test_cli_pretrain_pr_mim_throw_half_as_typed(tmp_path):
     """The design card's command on the default preset and built-in data (its data worker draws the
     furthest sampling), with a 2-step budget, a small batch and a small held-out set to run in seconds."""
     out = tmp_path / "run"
-    result = run_cli("pretrain", "pr-mim", "--throw", "0.5", "--max-steps", "2", "--batch-size", "16",
-                     "--val-size", "32", "--out", out, env={"OMP_NUM_THREADS": "1"})
+    result = run_cli(
+        "pretrain",
+        "pr-mim",
+        "--throw",
+        "0.5",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--val-size",
+        "32",
+        "--out",
+        out,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr + result.stdout
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["throw"] == 0.5 and ckpt["config"]["sampling"] == "furthest"
@@ -161,8 +194,23 @@ def test_cli_kernel_size_and_no_progressive_reach_the_checkpoint_and_change_the_
     runs = {"k3": ("--kernel-size", 3), "plain": ("--no-progressive",)}
     with ForkedCli() as cli_:  # `python cli.py ARGS` in a process of its own, the imports paid once
         for name, options in runs.items():
-            result = cli_.run("pretrain", "pr-mim", "--preset", "tiny", "--max-steps", 1, "--train-size", 32,
-                              "--batch-size", 16, "--val-size", 16, *options, "--out", tmp_path / name)
+            result = cli_.run(
+                "pretrain",
+                "pr-mim",
+                "--preset",
+                "tiny",
+                "--max-steps",
+                1,
+                "--train-size",
+                32,
+                "--batch-size",
+                16,
+                "--val-size",
+                16,
+                *options,
+                "--out",
+                tmp_path / name,
+            )
             assert result.returncode == 0, result.stderr + result.stdout
     k3, plain = (common.load_checkpoint(tmp_path / name) for name in runs)
     assert k3["step"] == plain["step"] == 1
@@ -172,3 +220,125 @@ def test_cli_kernel_size_and_no_progressive_reach_the_checkpoint_and_change_the_
     assert plain["config"]["progressive"] is False and plain["config"]["kernel_size"] == 7
     assert not any(k.startswith("spatial_aggregation") for k in plain["model"])
     assert set(k3["model"]) - set(plain["model"]) == {"spatial_aggregation.weight", "spatial_aggregation.bias"}
+
+
+# --- the fork experiments/pr_mim_simmim.py: PR-MIM on SimMIM (PR-MIM Sec. 4.2, Tab. 4) ---
+SIMMIM_GRID14 = dict(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=4)
+SIMMIM_TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=4)
+
+
+def test_simmim_fork_encoder_sees_exactly_the_visible_and_retained_tokens():
+    """Mask 0.6 and throw 0.5 on the 14 x 14 grid: the encoder gets the cls token and the 98 tokens neither
+    thrown nor masked-and-thrown, in grid order. Tagged by the position embedding alone: patch embedding
+    and mask token zeroed, so each token the first block gets is its own position's embedding."""
+    torch.manual_seed(0)
+    model = pr_mim_simmim.SimMIM(pr_mim_simmim.Config(**SIMMIM_GRID14))
+    assert model.cfg.mask_ratio == 0.6 and model.cfg.mask_patch_size == 32
+    inputs = batch_inputs(pr_mim_simmim, model.cfg, 2)
+    assert (inputs["mask"].sum(1) == 120).all()  # ceil(49 * 0.6) mask patches of 2 x 2 model patches
+    assert (inputs["thrown"].sum(1) == 98).all() and not (inputs["thrown"] & (inputs["mask"] == 0)).any()
+    with torch.no_grad():
+        for p in (model.patch_embed.proj.weight, model.patch_embed.proj.bias, model.mask_token):
+            p.zero_()
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    loss, pred, mask = model(torch.randn(2, 3, 224, 224), **inputs)
+    assert seen[0].shape == (2, 1 + 98, 32) and pred.shape == (2, 196, 16 * 16 * 3) and torch.isfinite(loss)
+    for b in range(2):
+        torch.testing.assert_close(seen[0][b, 1:], model.pos_embed[0, 1:][~inputs["thrown"][b]])
+
+
+def test_simmim_fork_throw_zero_reduces_to_simmim_on_the_same_weights_and_mask():
+    torch.manual_seed(0)
+    reference = simmim.SimMIM(simmim.Config(**SIMMIM_TINY))
+    model = pr_mim_simmim.SimMIM(pr_mim_simmim.Config(**SIMMIM_TINY, throw=0.0))
+    model.load_state_dict(reference.state_dict())  # strict: throw 0 has exactly SimMIM's parameters
+    imgs, mask = torch.randn(3, 3, 32, 32), simmim.simmim_masking(reference.cfg, 3)
+    loss, pred, _ = model(imgs, mask=mask)
+    loss_ref, pred_ref, _ = reference(imgs, mask=mask)
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(pred, pred_ref)
+    torch.testing.assert_close(model.forward_features(imgs), reference.forward_features(imgs))
+
+
+def test_simmim_fork_loss_covers_every_masked_token_with_progressive_and_retained_ones_without():
+    for progressive in (True, False):
+        torch.manual_seed(0)
+        model = pr_mim_simmim.SimMIM(pr_mim_simmim.Config(**SIMMIM_TINY, progressive=progressive))
+        thrown, masked, supervised = supervised_tokens(model, pr_mim_simmim, torch.randn(2, 3, 32, 32))
+        assert thrown.any() and (masked & ~thrown).any()
+        expected = masked if progressive else masked & ~thrown
+        assert torch.equal(supervised, expected), progressive
+
+
+def test_simmim_fork_bad_values_give_clear_errors():
+    for throw in (-0.1, 0.65):
+        with pytest.raises(ValueError, match=r"--throw must be in \[0, 0.6\]"):
+            pr_mim_simmim.Config(throw=throw)
+    with pytest.raises(ValueError, match="leaves no token"):
+        pr_mim_simmim.Config(throw=0.6, progressive=False)
+    for bad in (dict(sampling="nearest"), dict(kernel_size=4), dict(mask_patch_size=24)):
+        with pytest.raises(ValueError, match="--" + next(iter(bad)).replace("_", "-")):
+            pr_mim_simmim.Config(**bad)
+    model = pr_mim_simmim.SimMIM(pr_mim_simmim.Config(**SIMMIM_TINY))
+    mask = simmim.simmim_masking(model.cfg, 1)
+    with pytest.raises(ValueError, match="thrown must be"):  # none thrown where --throw 0.5 means 32
+        model(torch.randn(1, 3, 32, 32), mask=mask, thrown=torch.zeros(1, 64, dtype=torch.bool))
+
+
+def test_cli_pretrain_simmim_fork_by_path(tmp_path):
+    """`pretrain experiments/pr_mim_simmim.py`: the fork trains from its path, and its checkpoint holds the
+    fork's model (the depth-wise conv of the encoder's width), config and code."""
+    out = tmp_path / "run"
+    result = run_cli(
+        "pretrain",
+        "experiments/pr_mim_simmim.py",
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--val-size",
+        "16",
+        "--out",
+        out,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["config"]["throw"] == 0.5 and ckpt["config"]["mask_ratio"] == 0.6
+    width = ckpt["config"]["embed_dim"]
+    assert ckpt["model"]["spatial_aggregation.weight"].shape == (width, 1, 7, 7)
+    assert "pr_mim_simmim.py" in ckpt["code"]
+
+
+def test_cli_bench_simmim_fork_by_path_against_simmim():
+    """The README's "SimMIM + PR-MIM" rows at the tiny preset: SimMIM first, then the fork's default and its
+    BENCH_VARIANTS. Throwing half of all tokens halves the encoder's (1 + 8 tokens instead of 1 + 16 on the
+    4 x 4 grid; the head still runs on all 16, hence above 0.5), a quarter saves less, the conv costs a little."""
+    result = run_cli(
+        "bench",
+        "experiments/pr_mim_simmim.py",
+        "--compare",
+        "simmim",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--rounds",
+        "1",
+        "--json",
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    rows = [r for r in json.loads(result.stdout)]
+    assert len(rows) == 4 and rows[0]["name"] == "simmim", [r["name"] for r in rows]
+    assert rows[2]["name"].endswith("throw 0.25") and rows[3]["name"].endswith("throw 0.5, no progressive")
+    g = [r["gflops"] for r in rows]  # simmim, throw 0.5 (default), throw 0.25, throw 0.5 without the conv
+    assert 0.5 < g[1] / g[0] < 0.7 and g[1] < g[2] < g[0] and g[3] < g[1]
+    assert rows[1]["saved_mb"] < rows[0]["saved_mb"]

@@ -1,5 +1,6 @@
 """Scale and reliability: torchrun DDP on CPU (gloo), fine-tuning resumed after a kill, graceful stop on SIGTERM
 (pre-training resumed after a kill, for every method: tests/test_loop.py)."""
+
 import json
 import os
 import signal
@@ -10,10 +11,10 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, run_cli
 
 import common
 import mae
-from conftest import ROOT, run_cli
 
 
 def read_log(run):
@@ -34,10 +35,30 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     args = ("pretrain", "mae", "--preset", "tiny", "--epochs", 1, "--train-size", 128, "--log-every", 1)
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_cli(*args, "--batch-size", 16, "--out", one).returncode == 0
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "cli.py", *map(str, args), "--batch-size", 8, "--out", str(two)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "200",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "cli.py",
+        *map(str, args),
+        "--batch-size",
+        8,
+        "--out",
+        str(two),
+    ]
     r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("done: log") == 1  # rank 0 alone reports and writes
@@ -55,12 +76,34 @@ def test_finetune_resume_after_sigkill_is_bitwise_the_uninterrupted_run(tmp_path
     continue exactly after a SIGKILL at step 5 or later: neither an epoch end (8) nor a checkpoint (every 3)."""
     source = tmp_path / "pretrain"
     assert run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 2, "--out", source).returncode == 0
-    args = ("finetune", source, "--epochs", 2, "--train-size", 128, "--batch-size", 16, "--log-every", 1, "--ckpt-every", 3,
-            "--num-workers", 1, "--drop-path", 0.1, "--ema", 0.9)
+    args = (
+        "finetune",
+        source,
+        "--epochs",
+        2,
+        "--train-size",
+        128,
+        "--batch-size",
+        16,
+        "--log-every",
+        1,
+        "--ckpt-every",
+        3,
+        "--num-workers",
+        1,
+        "--drop-path",
+        0.1,
+        "--ema",
+        0.9,
+    )
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert run_cli(*args, "--out", full).returncode == 0
-    proc = subprocess.Popen([sys.executable, "cli.py", *map(str, args), "--out", str(killed)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", *map(str, args), "--out", str(killed)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline, step = time.time() + 120, 0
     while (step < 5 or step % 3 == 0 or step % 8 == 0) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -72,8 +115,13 @@ def test_finetune_resume_after_sigkill_is_bitwise_the_uninterrupted_run(tmp_path
     assert 3 <= saved < 16  # resumed from a checkpoint before the end
     r = run_cli(*args, "--out", killed, "--resume")
     assert r.returncode == 0, r.stderr
-    strip = lambda run: [{k: v for k, v in row.items() if k not in ("img_per_s", "elapsed_s")}  # noqa: E731
-                         for row in read_log(run)]
+
+    def strip(run):
+        return [
+            {k: v for k, v in row.items() if k not in ("img_per_s", "elapsed_s")}  # noqa: E731
+            for row in read_log(run)
+        ]
+
     assert [row["step"] for row in read_log(killed) if "loss" in row] == list(range(1, 17))
     assert strip(killed) == strip(full)  # losses, lr, top-1 / top-5 and EMA metrics, bitwise
     a, b = common.load_checkpoint(full), common.load_checkpoint(killed)
@@ -87,7 +135,9 @@ def test_finetune_resume_after_sigkill_is_bitwise_the_uninterrupted_run(tmp_path
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
     out = tmp_path / "run"
     args = ("pretrain", "mae", "--preset", "tiny", "--patch-size", 4, "--train-size", 1024, "--epochs", 1, "--out", out)
-    proc = subprocess.Popen([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # wait for training to start
         if (out / "log.jsonl").exists() and any("loss" in row for row in read_log(out)):
@@ -101,15 +151,45 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
 
 
 def test_wrong_architecture_checkpoint_gives_one_line(tmp_path):
-    small = mae.MAE(mae.Config(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
-                               decoder_depth=1, decoder_num_heads=4))
-    wider = mae.MAE(mae.Config(img_size=32, patch_size=4, embed_dim=128, depth=2, num_heads=4, decoder_embed_dim=32,
-                               decoder_depth=1, decoder_num_heads=4))
+    small = mae.MAE(
+        mae.Config(
+            img_size=32,
+            patch_size=4,
+            embed_dim=64,
+            depth=2,
+            num_heads=4,
+            decoder_embed_dim=32,
+            decoder_depth=1,
+            decoder_num_heads=4,
+        )
+    )
+    wider = mae.MAE(
+        mae.Config(
+            img_size=32,
+            patch_size=4,
+            embed_dim=128,
+            depth=2,
+            num_heads=4,
+            decoder_embed_dim=32,
+            decoder_depth=1,
+            decoder_num_heads=4,
+        )
+    )
     with pytest.raises(ValueError, match=r"cls_token is \(1, 1, 64\) there and \(1, 1, 128\) here") as e:
         common.load_weights(wider, small.state_dict(), "x.pt")
     assert "\n" not in str(e.value)
-    deeper = mae.MAE(mae.Config(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4, decoder_embed_dim=32,
-                                decoder_depth=1, decoder_num_heads=4))
+    deeper = mae.MAE(
+        mae.Config(
+            img_size=32,
+            patch_size=4,
+            embed_dim=64,
+            depth=3,
+            num_heads=4,
+            decoder_embed_dim=32,
+            decoder_depth=1,
+            decoder_num_heads=4,
+        )
+    )
     with pytest.raises(ValueError, match="tensor\\(s\\) missing"):
         common.load_weights(deeper, small.state_dict())
 

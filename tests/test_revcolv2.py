@@ -1,14 +1,15 @@
 """revcolv2.py: the exact inverse, reversible gradients = plain autograd, the memory it saves, shapes,
 the alpha clamp, config errors and the command line."""
+
 import copy
 import json
 
 import pytest
 import torch
+from conftest import run_cli
 
 import common
 import revcolv2
-from conftest import run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -176,8 +177,15 @@ def test_reversible_mode_saves_most_activation_memory():
     for cols in (2, 4):
         for reversible in (True, False):
             torch.manual_seed(0)
-            cfg = revcolv2.Config(img_size=32, patch_size=4, embed_dim=64, num_heads=2, encoder_columns=cols,
-                                  decoder_columns=cols, reversible=reversible)
+            cfg = revcolv2.Config(
+                img_size=32,
+                patch_size=4,
+                embed_dim=64,
+                num_heads=2,
+                encoder_columns=cols,
+                decoder_columns=cols,
+                reversible=reversible,
+            )
             saved[cols, reversible] = saved_activation_bytes(revcolv2.RevColV2(cfg), imgs)
     assert saved[2, False] > 8 * saved[2, True]  # measured 11.1x at this size (batch 8, 64-d)
     assert saved[4, False] > 10 * saved[4, True]  # measured 13.8x
@@ -224,14 +232,17 @@ def test_alpha_clamp_holds():
         assert a.grad is not None and a.grad.abs().sum() > 0  # alpha is trained, not frozen
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(num_levels=1), "--num-levels must be at least 2"),
-    (dict(encoder_columns=0), "--encoder-columns must be at least 1"),
-    (dict(level_depth=0), "--level-depth must be at least 1"),
-    (dict(alpha_min=0.0), "--alpha-min"),
-    (dict(alpha_init=0.05), "--alpha-min"),
-    (dict(mask_ratio=1.0), "--mask-ratio"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(num_levels=1), "--num-levels must be at least 2"),
+        (dict(encoder_columns=0), "--encoder-columns must be at least 1"),
+        (dict(level_depth=0), "--level-depth must be at least 1"),
+        (dict(alpha_min=0.0), "--alpha-min"),
+        (dict(alpha_init=0.05), "--alpha-min"),
+        (dict(mask_ratio=1.0), "--mask-ratio"),
+    ],
+)
 def test_config_rejects_impossible_values(bad, message):
     with pytest.raises(ValueError, match=message):
         small(**bad)
@@ -239,8 +250,9 @@ def test_config_rejects_impossible_values(bad, message):
 
 def test_cli_pretrain_tiny_and_clear_errors(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("pretrain", "revcolv2", "--preset", "tiny", "--max-steps", "2", "--out", out,
-                env={"OMP_NUM_THREADS": "1"})
+    r = run_cli(
+        "pretrain", "revcolv2", "--preset", "tiny", "--max-steps", "2", "--out", out, env={"OMP_NUM_THREADS": "1"}
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     params = float(r.stdout.split("revcolv2: ")[1].split("M trained parameters")[0])
     assert params < 1.5  # the tiny preset gives a tiny model (64-d, 2+2 columns of 4 one-block levels)
@@ -264,15 +276,24 @@ def test_memory_table_at_cifar_scale():
         for objective in ("pixels", "features"):
             for reversible in (False, True):
                 torch.manual_seed(0)
-                cfg = revcolv2.Config(img_size=32, patch_size=4, embed_dim=192, num_heads=3, encoder_columns=cols,
-                                      decoder_columns=cols, reversible=reversible)
+                cfg = revcolv2.Config(
+                    img_size=32,
+                    patch_size=4,
+                    embed_dim=192,
+                    num_heads=3,
+                    encoder_columns=cols,
+                    decoder_columns=cols,
+                    reversible=reversible,
+                )
                 model = revcolv2.RevColV2(cfg)
                 if objective == "features":  # what fine-tuning runs: the whole model, no mask
                     model.forward = lambda x, m=model: (m.forward_features(x).mean(), None, None)
                 rows[cols, objective, reversible] = saved_activation_bytes(model, imgs) / 2**20
             plain, rev = rows[cols, objective, False], rows[cols, objective, True]
-            print(f"{cols}+{cols} columns, {objective}: plain {plain:.1f} MiB, reversible {rev:.1f} MiB, "
-                  f"{plain / rev:.1f}x")
+            print(
+                f"{cols}+{cols} columns, {objective}: plain {plain:.1f} MiB, reversible {rev:.1f} MiB, "
+                f"{plain / rev:.1f}x"
+            )
             assert plain > 10 * rev
 
 
@@ -282,14 +303,19 @@ def test_small_alpha_breaks_the_fp32_inverse():
     imgs, noise, errors = torch.randn(16, 3, 32, 32), torch.rand(16, 64), {}
     for alpha in (0.5, 0.2, 0.1, 0.05, 0.02, 0.01):
         torch.manual_seed(0)
-        cfg = revcolv2.Config(img_size=32, patch_size=4, embed_dim=192, num_heads=3, alpha_init=alpha,
-                              alpha_min=min(alpha, 0.1))
+        cfg = revcolv2.Config(
+            img_size=32, patch_size=4, embed_dim=192, num_heads=3, alpha_init=alpha, alpha_min=min(alpha, 0.1)
+        )
         model = revcolv2.RevColV2(cfg)
         calls = recorded_columns(model)
         with torch.no_grad():
             model(imgs, noise=noise)
-            inverse = max(((r - p).norm() / p.norm()).item() for column, x, prev, ys in calls if prev is not None
-                          for r, p in zip(revcolv2.column_inverse(column, x, ys), prev))
+            inverse = max(
+                ((r - p).norm() / p.norm()).item()
+                for column, x, prev, ys in calls
+                if prev is not None
+                for r, p in zip(revcolv2.column_inverse(column, x, ys), prev)
+            )
         del model.run_column
         flat = {}
         for reversible in (True, False):

@@ -1,12 +1,13 @@
 """simmim.py: the official loss normalisation, mask-token substitution, masking granularity, encoder names."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_cli
 
 import common
 import mae
 import simmim
-from conftest import run_cli
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 
@@ -95,8 +96,9 @@ def test_encoder_names_match_mae_so_the_same_weights_load():
 
 def test_cli_pretrain_simmim_two_steps(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("pretrain", "simmim", "--preset", "tiny", "--max-steps", "2", "--out", out,
-                     env={"OMP_NUM_THREADS": "1"})
+    result = run_cli(
+        "pretrain", "simmim", "--preset", "tiny", "--max-steps", "2", "--out", out, env={"OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr + result.stdout
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["method"] == "simmim" and "simmim.py" in ckpt["code"]

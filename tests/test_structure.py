@@ -1,5 +1,6 @@
 """The design rules of the code base (README "How the code is organised"), checked for every method file
 registered in cli.METHODS, so a new method file is covered as soon as it is registered."""
+
 import ast
 import dataclasses
 import sys
@@ -25,8 +26,11 @@ def tree(filename):
 def test_method_file_imports_only_torch_einops_common(method):
     allowed = {"torch", "einops", "common"} | set(sys.stdlib_module_names)
     for node in tree(MODULE_FILES[method]).body:  # top level only: the __main__ hand-off may import cli
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-            [node.module] if isinstance(node, ast.ImportFrom) else [])
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else ([node.module] if isinstance(node, ast.ImportFrom) else [])
+        )
         for name in names:
             assert name.split(".")[0] in allowed, f"{MODULE_FILES[method]} imports {name}"
 
@@ -35,7 +39,7 @@ def test_method_file_imports_only_torch_einops_common(method):
 def test_method_file_skeleton_size_and_docstring(method):
     filename = MODULE_FILES[method]
     source = (ROOT / filename).read_text()
-    assert len(source.splitlines()) <= 350, f"{filename} is over the 350-line cap"
+    assert len(source.splitlines()) <= 300, f"{filename} is over the 300-line cap"
     module = tree(filename)
     doc = ast.get_docstring(module)
     for part in ("arxiv.org", "Changes relative to mae.py", "Deviations"):
@@ -56,15 +60,22 @@ def test_classes_subclass_only_module_function_or_are_dataclasses():
             if isinstance(node, ast.ClassDef):
                 bases = {ast.unparse(b) for b in node.bases}
                 is_dataclass = any("dataclass" in ast.unparse(d) for d in node.decorator_list)
-                assert is_dataclass or bases <= {"nn.Module", "torch.autograd.Function", "object",
-                                                 "torch.utils.data.Dataset", "torch.utils.data.Sampler"}, (
-                    filename, node.name, bases)
+                assert is_dataclass or bases <= {
+                    "nn.Module",
+                    "torch.autograd.Function",
+                    "object",
+                    "torch.utils.data.Dataset",
+                    "torch.utils.data.Sampler",
+                }, (filename, node.name, bases)
 
 
 def test_common_never_names_a_method():
     module = tree("common.py")
-    docstrings = {id(n.body[0].value) for n in ast.walk(module)
-                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(n)}
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(module)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(n)
+    }
     for node in ast.walk(module):
         words = []
         if isinstance(node, ast.Name):

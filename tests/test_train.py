@@ -1,11 +1,12 @@
 """The training loop and the pretrain command, through the CLI as a user runs them."""
+
 import json
 
 import pytest
 import torch
+from conftest import run_cli
 
 import common
-from conftest import run_cli
 
 
 def read_log(run):
@@ -52,10 +53,26 @@ def test_help_lists_every_config_field_with_its_source():
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import mae
 
-    cfg = mae.Config(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
-                     decoder_depth=1, decoder_num_heads=2)
-    tcfg = common.TrainConfig(data="shapes", train_size=64, val_size=16, batch_size=16, epochs=3, warmup_epochs=0,
-                              num_workers=0, out=str(tmp_path / "run"))
+    cfg = mae.Config(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
+    tcfg = common.TrainConfig(
+        data="shapes",
+        train_size=64,
+        val_size=16,
+        batch_size=16,
+        epochs=3,
+        warmup_epochs=0,
+        num_workers=0,
+        out=str(tmp_path / "run"),
+    )
     model = mae.MAE(cfg)
     real_forward, calls = model.forward, []
 
@@ -75,8 +92,26 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
 
 def test_short_run_on_builtin_data_lowers_held_out_loss(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("pretrain", "mae", "--preset", "tiny", "--patch-size", 4, "--train-size", 512, "--epochs", 4,
-                "--blr", 1e-2, "--warmup-epochs", 1, "--log-every", 100, "--out", out)
+    r = run_cli(
+        "pretrain",
+        "mae",
+        "--preset",
+        "tiny",
+        "--patch-size",
+        4,
+        "--train-size",
+        512,
+        "--epochs",
+        4,
+        "--blr",
+        1e-2,
+        "--warmup-epochs",
+        1,
+        "--log-every",
+        100,
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     val = [row["val_loss"] for row in read_log(out) if "val_loss" in row]
     assert len(val) == 5  # before training and after each epoch, on held-out images with fixed masks
