@@ -121,13 +121,14 @@ def show_help(usage, doc, classes, preset_for):
     typer.echo(f"Usage: {usage} [OPTIONS]\n\n{doc}")
     for cls in classes:
         typer.echo(f"\n{cls.__name__} ({Path(inspect.getfile(cls)).name}):")
+        help_text = field_help(cls)
         for f in dataclasses.fields(cls):
             flag, kind = "--" + f.name.replace("_", "-"), kinds[f.name]
             flag = f"{flag}/--no-{flag[2:]}" if kind is bool else f"{flag} {kind.__name__.upper()}"
             default = f"{f.default!r}"
             if cls in preset_for and f.name in preset:
                 default = f"{preset[f.name]!r} from --preset {Scale.preset}, {default} without"
-            typer.echo(f"  {flag:<36} {field_help(cls)[f.name]} [default: {default}]")
+            typer.echo(f"  {flag:<36} {help_text[f.name]} [default: {default}]")
     raise typer.Exit()
 
 
