@@ -200,10 +200,6 @@ def resolve(module, preset, model, given):
     return build(module.Config, values), tcfg
 
 
-# options that may change when a run is resumed: they do not change what the run computes
-RESUME_MAY_CHANGE = set("out resume max_steps num_workers log_every ckpt_every vis_every compile device".split())
-
-
 def prepare_out(method, tcfg, given):
     """The run folder: refuse to mix two runs in one folder; on --resume, the saved configs."""
     if not tcfg.out and tcfg.resume:
@@ -220,11 +216,11 @@ def prepare_out(method, tcfg, given):
     if ckpt.get("method") != method:
         raise ValueError(f"{out} holds a {ckpt.get('method')!r} run, not {method!r}")
     saved = {**ckpt["config"], **ckpt["train"]}
-    changed = [k for k in sorted(given) if k not in RESUME_MAY_CHANGE and saved.get(k) != given[k]]
+    changed = [k for k in sorted(given) if k not in common.RESUME_MAY_CHANGE and saved.get(k) != given[k]]
     if changed:
         drop = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise ValueError(f"--resume continues {out} with its saved settings; drop {drop}")
-    return ckpt["config"], {**ckpt["train"], **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
+    return ckpt["config"], {**ckpt["train"], **{k: v for k, v in given.items() if k in common.RESUME_MAY_CHANGE}}
 
 
 def bound_inputs(module, cfg):

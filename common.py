@@ -710,6 +710,10 @@ class TrainConfig:
         check_device(self.device)
 
 
+# options that may change when a run (pre-training or fine-tuning) is resumed: they do not change what it computes
+RESUME_MAY_CHANGE = set("out resume max_steps num_workers log_every ckpt_every vis_every compile device".split())
+
+
 def check_options(cfg, positive="", non_negative=""):
     """A ValueError naming the first field of the dataclass `cfg` (as its --option) that is out of range: the
     `positive` ones (space-separated names) must be at least 1, the `non_negative` ones at least 0."""
@@ -987,6 +991,7 @@ def evaluate_loss(model, loader, device, amp_dtype, world, seed=0):
     the number is comparable across epochs and the training randomness is left untouched."""
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses x images, images)
+    takes_labels = "labels" in inspect.signature(model.forward).parameters
     count = all_reduce_max(torch.tensor(len(loader), device=device), world)  # a process may hold one batch fewer
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -996,7 +1001,7 @@ def evaluate_loss(model, loader, device, amp_dtype, world, seed=0):
             # batch across processes (common.gather_batch) finds every process there
             batch = next(batches, None) or [batch[0][:0], batch[1][:0], {k: v[:0] for k, v in batch[2].items()}]
             imgs, labels, inputs = batch
-            if "labels" in inspect.signature(model.forward).parameters:
+            if takes_labels:
                 inputs = {**inputs, "labels": labels}
             imgs, inputs = imgs.to(device), {k: v.to(device) for k, v in inputs.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

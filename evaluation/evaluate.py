@@ -685,9 +685,6 @@ def run_linprobe(model, info, ecfg, lcfg, code_files, console):
     return finish_result(out, meta, {"top1": top1, "top5": top5}, start, train_set, val_set), out
 
 
-FINETUNE_RESUME_MAY_CHANGE = {"resume", "max_steps", "log_every", "ckpt_every", "num_workers", "device", "out"}
-
-
 def run_finetune(model, info, ecfg, fcfg, code_files, console):
     """The MAE fine-tuning recipe on the encoder + a global-pool head; top-1 / top-5 after every epoch.
     One process or many under torchrun (DDP; rank 0 writes the result folder); --resume continues it exactly."""
@@ -703,7 +700,7 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
         if "optimizer" not in ckpt or "finetune" not in ckpt:
             raise ValueError(f"{out / 'checkpoint.pt'} is not a fine-tuning checkpoint that can be continued")
         saved = {**ckpt.get("eval", {}), **ckpt["finetune"]}
-        changed = [k for k, v in saved.items() if k not in FINETUNE_RESUME_MAY_CHANGE and v != options.get(k, v)]
+        changed = [k for k, v in saved.items() if k not in common.RESUME_MAY_CHANGE and v != options.get(k, v)]
         changed = ", ".join(f"--{k.replace('_', '-')} {saved[k]} there, {options[k]} here" for k in changed)
         if changed:
             raise ValueError(f"--resume continues {out} with the options it was started with; these differ: {changed}")

@@ -151,45 +151,14 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
 
 
 def test_wrong_architecture_checkpoint_gives_one_line(tmp_path):
-    small = mae.MAE(
-        mae.Config(
-            img_size=32,
-            patch_size=4,
-            embed_dim=64,
-            depth=2,
-            num_heads=4,
-            decoder_embed_dim=32,
-            decoder_depth=1,
-            decoder_num_heads=4,
-        )
-    )
-    wider = mae.MAE(
-        mae.Config(
-            img_size=32,
-            patch_size=4,
-            embed_dim=128,
-            depth=2,
-            num_heads=4,
-            decoder_embed_dim=32,
-            decoder_depth=1,
-            decoder_num_heads=4,
-        )
-    )
+    def tiny_mae(**widths):  # the tiny preset's MAE at patch 4, with `widths` changed
+        sizes = dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+        return mae.MAE(mae.Config(img_size=32, patch_size=4, **{**sizes, **widths}))
+
+    small, wider, deeper = tiny_mae(), tiny_mae(embed_dim=128), tiny_mae(depth=3)
     with pytest.raises(ValueError, match=r"cls_token is \(1, 1, 64\) there and \(1, 1, 128\) here") as e:
         common.load_weights(wider, small.state_dict(), "x.pt")
     assert "\n" not in str(e.value)
-    deeper = mae.MAE(
-        mae.Config(
-            img_size=32,
-            patch_size=4,
-            embed_dim=64,
-            depth=3,
-            num_heads=4,
-            decoder_embed_dim=32,
-            decoder_depth=1,
-            decoder_num_heads=4,
-        )
-    )
     with pytest.raises(ValueError, match="tensor\\(s\\) missing"):
         common.load_weights(deeper, small.state_dict())
 
