@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import common
+import data_sets
 import imae
 import mae
 import pr_mim
@@ -185,7 +186,9 @@ def resolve(module, preset, model, given):
         raise ValueError(f"unknown model size {model!r}: choose one of {', '.join(common.VIT_SIZES)}")
     values = {**common.PRESETS[preset], **common.VIT_SIZES.get(model, {}), **given}
     tcfg = build(common.TrainConfig, values)
-    channels = common.DATASETS[tcfg.data][0]
+    if tcfg.data not in data_sets.DATASETS:
+        raise ValueError(f"unknown data set {tcfg.data!r}: choose one of {', '.join(data_sets.DATASETS)}")
+    channels = data_sets.DATASETS[tcfg.data][0]
     if values.setdefault("in_chans", channels) != channels:
         raise ValueError(
             f"--in-chans {values['in_chans']} does not match {tcfg.data}, which has {channels} channel(s): drop "
@@ -276,8 +279,8 @@ def pretrain(ctx: typer.Context):
     saved = prepare_out(name, tcfg, given)
     if saved:  # --resume: rebuild exactly the saved run
         cfg, tcfg = module.Config(**saved[0]), common.TrainConfig(**saved[1])
-    train_set = common.load_dataset(tcfg.data, "train", tcfg.data_dir, tcfg.train_size, cfg.img_size, tcfg.download)
-    val_set = common.load_dataset(tcfg.data, "val", tcfg.data_dir, tcfg.val_size, cfg.img_size, tcfg.download)
+    train_set = data_sets.load_dataset(tcfg.data, "train", tcfg.data_dir, tcfg.train_size, cfg.img_size, tcfg.download)
+    val_set = data_sets.load_dataset(tcfg.data, "val", tcfg.data_dir, tcfg.val_size, cfg.img_size, tcfg.download)
     common.torch.manual_seed(tcfg.seed)
     net, sample_inputs, rank = model_cls(cfg), bound_inputs(module, cfg), common.distributed()[0]
     if hasattr(net, "prepare_pretrain"):  # e.g. i-MAE loads its frozen teacher; evaluation never calls it
@@ -290,7 +293,11 @@ def pretrain(ctx: typer.Context):
 
     code = [module.__file__, common.__file__]
     try:
-        out = common.pretrain(net, cfg, tcfg, train_set, val_set, name, code, sample_inputs, console, picture)
+        rank, world, device = common.setup(tcfg)
+        loaders = data_sets.pretrain_loaders(
+            train_set, val_set, tcfg.data, cfg.img_size, sample_inputs, tcfg, device, rank, world
+        )
+        out = common.pretrain(net, cfg, tcfg, *loaders, name, code, picture)
     except ValueError as e:  # found in training (e.g. too few images for a step): exit 1, as a diverged run
         raise typer.Exit(error(str(e), 1)) from None
     if rank == 0:
@@ -328,7 +335,7 @@ def bench(ctx: typer.Context):
         cfg, tcfg = resolve(
             module, scale.preset, scale.model, given | {k: v for k, v in loader.items() if v is not None}
         )
-        train_set = common.load_dataset(tcfg.data, "train", tcfg.data_dir, tcfg.train_size, cfg.img_size)
+        train_set = data_sets.load_dataset(tcfg.data, "train", tcfg.data_dir, tcfg.train_size, cfg.img_size)
         warmup, inputs = max(b.warmup, 2 * tcfg.num_workers), bound_inputs(module, cfg)
         args = train_set, tcfg.data, cfg.img_size, inputs, tcfg.batch_size, b.batches, warmup, tcfg.num_workers
         result = {"method": name, "data": tcfg.data, "img_size": cfg.img_size}

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import common
+import data_sets
 
 FIGURES = {  # key: (column title, format), in table order
     "params_m": ("params (M)", "{:.2f}"),
@@ -185,7 +185,7 @@ def table(results, title=""):
 
 
 def loader_throughput(train_set, data, img_size, sample_inputs, batch_size, batches, warmup, workers, device, seed=0):
-    """Images per second of the pre-training loader over `train_set` alone (common.pretrain_loader, the one
+    """Images per second of the pre-training loader over `train_set` alone (data_sets.pretrain_loader, the one
     common.train uses), timed over `batches` batches after `warmup` untimed ones (worker start-up, the first
     prefetched batches); epochs follow one another as in training when the data set is shorter."""
     if batch_size < 1 or batches < 1 or warmup < 0 or workers < 0:
@@ -194,7 +194,7 @@ def loader_throughput(train_set, data, img_size, sample_inputs, batch_size, batc
             f"got {batch_size}, {batches}, {warmup}, {workers}"
         )
     settings = (seed, batch_size, workers, torch.device(device))
-    loader, sampler = common.pretrain_loader(train_set, data, img_size, sample_inputs, *settings)
+    loader, sampler = data_sets.pretrain_loader(train_set, data, img_size, sample_inputs, *settings)
     if len(loader) == 0:
         raise ValueError(f"{len(train_set)} images are fewer than one batch of {batch_size}: lower --batch-size")
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 import common
+import data_sets
 
 # Options of the evaluation commands: EvalConfig is shared, each command adds its own dataclass.
 
@@ -316,24 +317,24 @@ def eval_datasets(ecfg, info, splits=("train", "val")):
     pre, in_chans = info["train"], info["config"].in_chans
     data = ecfg.data or pre.get("data") or "imagenet"
     same = data == pre.get("data")
-    if data not in common.DATASETS:
-        raise ValueError(f"unknown data set {data!r}: choose one of {', '.join(common.DATASETS)}")
-    if common.DATASETS[data][0] != in_chans:
-        raise ValueError(f"{data} has {common.DATASETS[data][0]} channel(s) but the model takes {in_chans}")
+    if data not in data_sets.DATASETS:
+        raise ValueError(f"unknown data set {data!r}: choose one of {', '.join(data_sets.DATASETS)}")
+    if data_sets.DATASETS[data][0] != in_chans:
+        raise ValueError(f"{data} has {data_sets.DATASETS[data][0]} channel(s) but the model takes {in_chans}")
     data_dir = ecfg.data_dir or (pre.get("data_dir") if same else None) or "data"
     sizes = {"train": ecfg.train_size, "val": ecfg.val_size}
     sizes = {k: v if v >= 0 else (pre.get(f"{k}_size", 0) if same else 0) for k, v in sizes.items()}
     img_size = info["config"].img_size
-    return data, *(common.load_dataset(data, s, data_dir, sizes[s], img_size, ecfg.download) for s in splits)
+    return data, *(data_sets.load_dataset(data, s, data_dir, sizes[s], img_size, ecfg.download) for s in splits)
 
 
 def loader_for(dataset, tf, batch_size, num_workers, device, shuffle=False, seed=0, epoch=0, rank=0, world=1):
     """A loader over this process's share of `dataset`, `tf` applied, its random draws seeded by (seed, epoch, index);
     with shuffle in a seeded order without the last partial batch (loader.sampler.set_epoch starts each epoch)."""
-    sampler = common.EpochSampler(len(dataset), shuffle, seed=seed, rank=rank, world=world)
+    sampler = data_sets.EpochSampler(len(dataset), shuffle, seed=seed, rank=rank, world=world)
     sampler.set_epoch(epoch)
-    data = common.SeededDataset(dataset, tf, None, seed)
-    return common.make_loader(data, batch_size, sampler, num_workers, shuffle, device)
+    data = data_sets.SeededDataset(dataset, tf, None, seed)
+    return data_sets.make_loader(data, batch_size, sampler, num_workers, shuffle, device)
 
 
 def pooled_features(model, imgs):
@@ -424,7 +425,7 @@ def finetune_transform(data, img_size, fcfg):
     steps = [v2.ToImage(), crop, v2.RandomHorizontalFlip()]
     if fcfg.randaug_n:
         steps += [v2.ToDtype(torch.uint8, scale=True), v2.RandAugment(fcfg.randaug_n, fcfg.randaug_m)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*common.DATASETS[data][1])]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(*data_sets.DATASETS[data][1])]
     return v2.Compose(steps + ([v2.RandomErasing(p=fcfg.reprob, value="random")] if fcfg.reprob else []))
 
 
@@ -468,7 +469,7 @@ def reconstructions(model, dataset, data, img_size, sample_inputs, n=8, seed=0, 
     in [0, 1]): original, masked input, reconstruction, reconstruction with the visible patches pasted, then an
     overlay of each boolean (N,) per-sample input (e.g. the masked tokens a method throws away); and a note on how
     norm-pix predictions are shown. Masks and the other inputs come from `sample_inputs`, seeded by (seed, index)."""
-    ds = common.SeededDataset(dataset, common.transform(data, img_size, False), sample_inputs, seed)
+    ds = data_sets.SeededDataset(dataset, data_sets.transform(data, img_size, False), sample_inputs, seed)
     imgs, labels, inputs = torch.utils.data.default_collate([ds[(0, i)] for i in range(min(n, len(dataset)))])
     if "labels" in inspect.signature(model.forward).parameters:
         inputs = {**inputs, "labels": labels}
@@ -490,7 +491,7 @@ def reconstructions(model, dataset, data, img_size, sample_inputs, n=8, seed=0, 
         mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6) ** 0.5
         raw, note = norm_pix == "raw", NORM_PIX_NOTES[norm_pix]
         target, pred = ((target - mean) / std, pred) if raw else (target, pred * std + mean)
-    data_mean, data_std = (torch.tensor(s).view(1, -1, 1, 1) for s in common.DATASETS[data][1])
+    data_mean, data_std = (torch.tensor(s).view(1, -1, 1, 1) for s in data_sets.DATASETS[data][1])
 
     def show(x, raw=False):  # (B, N, P*P*C) patches or (B, C, H, W) images -> (B, 3, H, W) in [0, 1]
         x = common.unpatchify(x, p, C) if x.ndim == 3 else x
@@ -623,7 +624,11 @@ def run_knn(model, info, ecfg, kcfg, code_files, console):
     data, train_set, val_set = eval_datasets(ecfg, info)
     out = Path(ecfg.out or default_out(info, "knn", ecfg, data))
     meta = start_result(out, "knn", ecfg, kcfg, info, data, code_files)
-    device, tf, features = common.pick_device(ecfg.device), common.transform(data, info["config"].img_size, False), []
+    device, tf, features = (
+        common.pick_device(ecfg.device),
+        data_sets.transform(data, info["config"].img_size, False),
+        [],
+    )
     with Progress(console=console, transient=True) as bar:
         for split, label in ((train_set, "train features"), (val_set, "val features")):
             features.append(
@@ -651,7 +656,7 @@ def run_linprobe(model, info, ecfg, lcfg, code_files, console):
     order = torch.Generator().manual_seed(ecfg.seed)  # the order of the training features, every epoch
 
     def features(split, train, bar=None, label="", epoch=0):  # augmented crops are seeded by (seed, epoch, index)
-        tf = common.transform(data, info["config"].img_size, train)
+        tf = data_sets.transform(data, info["config"].img_size, train)
         return extract_features(
             model, split, tf, lcfg.batch_size, ecfg.num_workers, device, bar, label, ecfg.seed, epoch
         )
@@ -721,10 +726,9 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(clf, multi_avg_fn=get_ema_multi_avg_fn(fcfg.ema), use_buffers=True)
-    train_tf, val_tf = finetune_transform(data, img_size, fcfg), common.transform(data, img_size, False)
+    train_tf, val_tf = finetune_transform(data, img_size, fcfg), data_sets.transform(data, img_size, False)
     dtype = common.autocast_dtype(fcfg.amp, device)
     loader = loader_for(train_set, train_tf, fcfg.batch_size, ecfg.num_workers, device, True, ecfg.seed, 0, rank, world)
-    sampler = loader.sampler  # common.train starts each epoch through it
     val_loader = loader_for(val_set, val_tf, fcfg.batch_size, min(ecfg.num_workers, 2), device, rank=rank, world=world)
 
     def loss_of(net, imgs, labels, inputs):
@@ -736,13 +740,12 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
         return {**metrics, **(evaluate_classifier(ema.module, val_loader, device, world, dtype, "ema_") if ema else {})}
 
     def state():  # the encoder under its own names: the evaluations read it as they read a pre-training checkpoint
-        return {"model": model.state_dict(), "head": {k: getattr(clf, k).state_dict() for k in ("fc_norm", "head")}}
+        heads = {k: getattr(clf, k).state_dict() for k in ("fc_norm", "head")}
+        return {"model": model.state_dict(), "head": heads, **saved}
 
     saved = dict(method=info["method"], config=asdict(info["config"]), train=info["train"])
     saved.update(code=info["ckpt"].get("code"), git=common.git_hash(), finetune=asdict(fcfg), eval=asdict(ecfg))
-    common.train(
-        clf, opt, tcfg, loader, sampler, loss_of, evaluate, state, saved, ckpt, ema, console=console, title="finetune"
-    )
+    common.train(clf, opt, tcfg, loader, loss_of, evaluate, state, ckpt, ema, title="finetune")
     # the final weights' numbers: the last epoch's in the log, or, if --max-steps stopped the run inside an epoch,
     # computed now (on every process: the evaluation sums over them)
     final = evaluate(0) if min(tcfg.max_steps or math.inf, tcfg.epochs * steps) % steps else None

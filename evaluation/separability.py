@@ -20,6 +20,7 @@ and R = pixels, the best linear map reaches R^2 = α² / (α² + (1 − α)²), 
 import torch
 
 import common
+import data_sets
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4)
 
@@ -79,8 +80,8 @@ def pixel_features(patch_size):
 
 def held_out_images(data, data_dir, img_size, n):
     """The first n held-out images of a data set, evaluation transform applied: (n, C, H, W)."""
-    dataset = common.load_dataset(data, "val", data_dir, n, img_size)
+    dataset = data_sets.load_dataset(data, "val", data_dir, n, img_size)
     if len(dataset) < 4:
         raise ValueError(f"separability needs at least 4 held-out images, {data} has {len(dataset)}")
-    transform = common.transform(data, img_size, False)
+    transform = data_sets.transform(data, img_size, False)
     return torch.stack([transform(dataset[i][0]) for i in range(min(n, len(dataset)))])

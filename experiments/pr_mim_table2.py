@@ -32,6 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import data_sets  # noqa: E402
 import pr_mim  # noqa: E402
 
 ROWS = {  # Table 2 at throw 0.5: (name, pretrain options)
@@ -82,8 +83,8 @@ def train(run, options, seed, epochs, train_size):
 
 
 def images(split, size, img_size=32):
-    data = common.load_dataset("shapes", split, size=size, img_size=img_size)
-    tf = common.transform("shapes", img_size, False)
+    data = data_sets.load_dataset("shapes", split, size=size, img_size=img_size)
+    tf = data_sets.transform("shapes", img_size, False)
     pairs = [data[i] for i in range(size)]
     return torch.stack([tf(img) for img, _ in pairs]), torch.tensor([label for _, label in pairs])
 

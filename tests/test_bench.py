@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cli
 import common
+import data_sets
 import mae
 from evaluation import bench
 
@@ -180,14 +181,14 @@ def test_cli_bench_data_measures_the_loader_alone():
 
 
 def test_loader_throughput_times_the_pretraining_loaders_batches_after_the_warmup(monkeypatch):
-    """bench.loader_throughput on the real pre-training loader (common.pretrain_loader), slowed by a known delay per
+    """bench.loader_throughput on the real pre-training loader (data_sets.pretrain_loader), slowed by a known delay per
     batch: 0.5 s for each warm-up batch, 0.1 s for each timed one, and each batch's real time measured here. The
     rate must be the timed batches' images over their time (so warm-up is left out and every image counts),
     within 25% for the overhead between batches; the batches bench pulls are the loader's augmented images, with
     the method's masks, across an epoch boundary (64 images, batch 32: 2 batches an epoch)."""
     cfg, _ = cli.resolve(mae, "tiny", None, {})
-    train_set = common.load_dataset("shapes", "train", "data", 64, cfg.img_size)
-    real_loader, pulled, warmup, timed = common.pretrain_loader, [], 2, 3
+    train_set = data_sets.load_dataset("shapes", "train", "data", 64, cfg.img_size)
+    real_loader, pulled, warmup, timed = data_sets.pretrain_loader, [], 2, 3
 
     class Slowed:  # the loader, each batch `delay` seconds later; records what was pulled and how long it took
         def __init__(self, loader):
@@ -211,7 +212,7 @@ def test_loader_throughput_times_the_pretraining_loaders_batches_after_the_warmu
         loader, sampler = real_loader(*args, **kwargs)
         return Slowed(loader), sampler
 
-    monkeypatch.setattr(common, "pretrain_loader", slowed_pretrain_loader)
+    monkeypatch.setattr(data_sets, "pretrain_loader", slowed_pretrain_loader)
     result = bench.loader_throughput(
         train_set, "shapes", cfg.img_size, lambda g: mae.sample_inputs(cfg, g), 32, timed, warmup, 0, "cpu"
     )
@@ -219,7 +220,7 @@ def test_loader_throughput_times_the_pretraining_loaders_batches_after_the_warmu
     expected = timed * 32 / sum(seconds for _, seconds in pulled[warmup:])
     assert expected / 1.25 < result["images_per_s"] <= expected * 1.001, (result, expected)
     assert result["images_per_s"] * result["seconds"] == pytest.approx(timed * 32)
-    evaluation = common.transform("shapes", cfg.img_size, False)
+    evaluation = data_sets.transform("shapes", cfg.img_size, False)
     plain = torch.stack([evaluation(train_set[i][0]) for i in range(len(train_set))])  # (64, 3, 32, 32), un-augmented
     for (imgs, labels, inputs), _ in pulled:
         assert imgs.shape == (32, 3, 32, 32) and labels.shape == (32,) and inputs["noise"].shape == (32, 16)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import data_sets
 
 
 def write_image(path, value, size=64):
@@ -16,13 +16,13 @@ def write_image(path, value, size=64):
 
 
 def test_shapes_is_deterministic_balanced_and_any_size():
-    a, b = common.Shapes("train", 16, 48), common.Shapes("train", 16, 48)
+    a, b = data_sets.Shapes("train", 16, 48), data_sets.Shapes("train", 16, 48)
     img, label = a[5]
     assert img.shape == (3, 48, 48) and 0 <= img.min() and img.max() <= 1
     assert torch.equal(img, b[5][0]) and label == b[5][1]
-    assert not torch.equal(img, common.Shapes("val", 16, 48)[5][0])  # held-out images differ
+    assert not torch.equal(img, data_sets.Shapes("val", 16, 48)[5][0])  # held-out images differ
     assert [a[i][1] for i in range(16)] == [i % 8 for i in range(16)]  # every class, in turn
-    assert common.Shapes("train", 1, 20)[0][0].shape == (3, 20, 20)
+    assert data_sets.Shapes("train", 1, 20)[0][0].shape == (3, 20, 20)
 
 
 def make_tiny_imagenet(root, wnids=("n01443537", "n01629819"), per_class=3):
@@ -40,8 +40,8 @@ def make_tiny_imagenet(root, wnids=("n01443537", "n01629819"), per_class=3):
 
 def test_tiny_imagenet_layout_including_val_annotations(tmp_path):
     make_tiny_imagenet(tmp_path / "tiny-imagenet-200")
-    train = common.load_dataset("tiny-imagenet", "train", tmp_path)  # finds tiny-imagenet-200/ inside
-    val = common.load_dataset("tiny-imagenet", "val", tmp_path / "tiny-imagenet-200")
+    train = data_sets.load_dataset("tiny-imagenet", "train", tmp_path)  # finds tiny-imagenet-200/ inside
+    val = data_sets.load_dataset("tiny-imagenet", "val", tmp_path / "tiny-imagenet-200")
     assert len(train) == 6 and len(val) == 4
     img, label = train[4]
     assert img.size == (64, 64) and img.mode == "RGB" and label == 1
@@ -50,11 +50,11 @@ def test_tiny_imagenet_layout_including_val_annotations(tmp_path):
 
 def test_tiny_imagenet_malformed_folders_say_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="wnids.txt"):
-        common.load_dataset("tiny-imagenet", "train", tmp_path)
+        data_sets.load_dataset("tiny-imagenet", "train", tmp_path)
     make_tiny_imagenet(tmp_path)
     (tmp_path / "val" / "val_annotations.txt").unlink()
     with pytest.raises(ValueError, match="val_annotations.txt"):
-        common.load_dataset("tiny-imagenet", "val", tmp_path)
+        data_sets.load_dataset("tiny-imagenet", "val", tmp_path)
 
 
 def test_image_folder_layout_and_errors(tmp_path):
@@ -62,13 +62,13 @@ def test_image_folder_layout_and_errors(tmp_path):
         for k, cls in enumerate(("cat", "dog")):
             for i in range(n):
                 write_image(tmp_path / split / cls / f"{i}.png", 100 * k, size=50)
-    train = common.load_dataset("imagenet", "train", tmp_path)
+    train = data_sets.load_dataset("imagenet", "train", tmp_path)
     assert len(train) == 6 and train.classes == ["cat", "dog"] and train[3][1] == 1
     # evaluation transform: resize + centre crop to the requested size, normalised
-    x = common.transform("folder", 32, train=False)(train[0][0])
+    x = data_sets.transform("folder", 32, train=False)(train[0][0])
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     with pytest.raises(ValueError, match="train/<class>"):
-        common.load_dataset("folder", "val", tmp_path / "nothing")
+        data_sets.load_dataset("folder", "val", tmp_path / "nothing")
 
 
 def write_idx(path, tensor):
@@ -83,32 +83,32 @@ def test_fashion_mnist_reads_original_idx_files(tmp_path):
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
     write_idx(raw / "train-images-idx3-ubyte.gz", images)
     write_idx(raw / "train-labels-idx1-ubyte.gz", torch.tensor([3, 1, 4, 1, 5], dtype=torch.uint8))
-    ds = common._fashion_mnist("train", tmp_path, download=False)
+    ds = data_sets._fashion_mnist("train", tmp_path, download=False)
     assert len(ds) == 5 and torch.equal(ds[2][0], images[2:3]) and ds[2][1] == 4
 
 
-@pytest.mark.skipif(not common.FASHION_MNIST_DEBIAN.is_dir(), reason="needs `apt install dataset-fashion-mnist`")
+@pytest.mark.skipif(not data_sets.FASHION_MNIST_DEBIAN.is_dir(), reason="needs `apt install dataset-fashion-mnist`")
 def test_fashion_mnist_from_the_debian_package(tmp_path):
-    train = common.load_dataset("fashion-mnist", "train", tmp_path)
-    val = common.load_dataset("fashion-mnist", "val", tmp_path, size=100)
+    train = data_sets.load_dataset("fashion-mnist", "train", tmp_path)
+    val = data_sets.load_dataset("fashion-mnist", "val", tmp_path, size=100)
     assert len(train) == 60_000 and len(val) == 100 and train[0][0].shape == (1, 28, 28)
-    assert common.transform("fashion-mnist", 32, train=True)(train[0][0]).shape == (1, 32, 32)
+    assert data_sets.transform("fashion-mnist", 32, train=True)(train[0][0]).shape == (1, 32, 32)
 
 
 def test_missing_downloadable_data_says_how_to_get_it(tmp_path):
     with pytest.raises(ValueError, match="--download"):
-        common.load_dataset("cifar10", "train", tmp_path)
+        data_sets.load_dataset("cifar10", "train", tmp_path)
     with pytest.raises(ValueError, match="unknown data set"):
-        common.load_dataset("mnist", "train", tmp_path)
+        data_sets.load_dataset("mnist", "train", tmp_path)
 
 
 def test_sampler_splits_batches_across_ranks_and_resumes_mid_epoch():
-    single = list(common.EpochSampler(12, shuffle=True, seed=3))
-    ranks = [list(common.EpochSampler(12, shuffle=True, seed=3, rank=r, world=2)) for r in range(2)]
+    single = list(data_sets.EpochSampler(12, shuffle=True, seed=3))
+    ranks = [list(data_sets.EpochSampler(12, shuffle=True, seed=3, rank=r, world=2)) for r in range(2)]
     # per-rank batches of 2 together hold exactly the single-process batch of 4 (the DDP equivalence)
     for b in range(3):
         assert sorted(ranks[0][2 * b : 2 * b + 2] + ranks[1][2 * b : 2 * b + 2]) == sorted(single[4 * b : 4 * b + 4])
-    sampler = common.EpochSampler(12, shuffle=True, seed=3)
+    sampler = data_sets.EpochSampler(12, shuffle=True, seed=3)
     sampler.set_epoch(0, start=5)
     assert list(sampler) == single[5:] and len(sampler) == 7
     sampler.set_epoch(1)
@@ -119,7 +119,9 @@ def test_seeded_dataset_is_independent_of_global_rng():
     def noise(g):
         return {"noise": torch.rand(4, generator=g)}
 
-    ds = common.SeededDataset(common.Shapes("train", 4, 32), common.transform("shapes", 32, train=True), noise, seed=0)
+    ds = data_sets.SeededDataset(
+        data_sets.Shapes("train", 4, 32), data_sets.transform("shapes", 32, train=True), noise, seed=0
+    )
     torch.manual_seed(1)
     a = ds[(0, 2)]
     torch.manual_seed(2)

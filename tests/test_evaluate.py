@@ -12,6 +12,7 @@ from conftest import ForkedCli, run_cli
 
 import cli
 import common
+import data_sets
 import mae
 from evaluation import evaluate, results
 
@@ -118,8 +119,8 @@ def test_knn_sees_what_training_taught_the_encoder(tmp_path, cli_run):
     import torch.nn.functional as F
 
     data = write_folder(tmp_path / "grain", grain_image, ("smooth", "grainy"), (("train", 32), ("val", 32)))
-    train = common.load_dataset("folder", "train", data)
-    tf = common.transform("folder", 32, False)  # the images as knn sees them
+    train = data_sets.load_dataset("folder", "train", data)
+    tf = data_sets.transform("folder", 32, False)  # the images as knn sees them
     imgs, labels = torch.stack([tf(img) for img, _ in train]), torch.tensor([label for _, label in train])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: faster on one thread, the more so on a shared machine
@@ -311,7 +312,7 @@ def test_visualize_cli_writes_png_of_the_right_size(tiny_run, tmp_path, cli_run)
 def test_visualize_masks_are_seedable_and_norm_pix_is_labelled():
     torch.manual_seed(0)
     model = mae.MAE(mae.Config(**TINY, in_chans=3))
-    data = common.load_dataset("shapes", "val", size=4, img_size=32)
+    data = data_sets.load_dataset("shapes", "val", size=4, img_size=32)
     draw = cli.bound_inputs(mae, model.cfg)
     cols0, note = evaluate.reconstructions(model, data, "shapes", 32, draw, n=4, seed=0)
     cols0b, _ = evaluate.reconstructions(model, data, "shapes", 32, draw, n=4, seed=0)
@@ -341,7 +342,7 @@ def test_visualize_masks_are_seedable_and_norm_pix_is_labelled():
 
 def test_boolean_inputs_are_drawn_as_an_overlay():
     model = mae.MAE(mae.Config(**TINY))
-    data = common.load_dataset("shapes", "val", size=2, img_size=32)
+    data = data_sets.load_dataset("shapes", "val", size=2, img_size=32)
 
     thrown = torch.zeros(16, dtype=torch.bool)
     thrown[[1, 2]] = True  # patches 1 and 2: the first row, second and third columns
@@ -511,7 +512,7 @@ def test_results_cli_reads_result_folders(knn_results, tmp_path, cli_run):
         results.collect([tmp_path / "nothing-here"])
 
 
-@pytest.mark.skipif(not common.FASHION_MNIST_DEBIAN.is_dir(), reason="needs `apt install dataset-fashion-mnist`")
+@pytest.mark.skipif(not data_sets.FASHION_MNIST_DEBIAN.is_dir(), reason="needs `apt install dataset-fashion-mnist`")
 def test_random_init_encoder_evaluates_worse_than_a_briefly_trained_one(tmp_path):
     """The evaluation must see training. The briefly trained encoder here is trained for 150 steps with
     labels (the fastest way to give a tiny ViT real features on CPU; see README.md#results for what a
@@ -525,8 +526,8 @@ def test_random_init_encoder_evaluates_worse_than_a_briefly_trained_one(tmp_path
 
     torch.manual_seed(0)
     model = mae.MAE(mae.Config(**{**TINY, "in_chans": 1}))
-    train = common.load_dataset("fashion-mnist", "train", size=512, img_size=32)
-    tf = common.transform("fashion-mnist", 32, False)
+    train = data_sets.load_dataset("fashion-mnist", "train", size=512, img_size=32)
+    tf = data_sets.transform("fashion-mnist", 32, False)
     imgs, labels = torch.stack([tf(train[i][0]) for i in range(512)]), torch.tensor([train[i][1] for i in range(512)])
     clf = evaluate.Classifier(model, model.cfg.embed_dim, 10)
     optimizer = torch.optim.AdamW(clf.parameters(), lr=3e-3)

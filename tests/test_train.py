@@ -1,5 +1,6 @@
 """The training loop and the pretrain command, through the CLI as a user runs them."""
 
+import functools
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from conftest import run_cli
 
 import common
+import data_sets
 
 
 def read_log(run):
@@ -82,10 +84,13 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
         return (loss * float("nan") if len(calls) == 6 + 2 else loss), pred, mask  # +2: held-out batches
 
     monkeypatch.setattr(model, "forward", forward)
-    data = common.load_dataset("shapes", "train", size=64), common.load_dataset("shapes", "val", size=16)
+    data = data_sets.load_dataset("shapes", "train", size=64), data_sets.load_dataset("shapes", "val", size=16)
+    loaders = data_sets.pretrain_loaders(
+        *data, "shapes", 32, functools.partial(mae.sample_inputs, cfg), tcfg, torch.device("cpu")
+    )
     # the loss reaches the host at logged steps only: here the end of epoch 2 (log-every 20 > 4 steps per epoch)
     with pytest.raises(FloatingPointError, match=r"loss is nan between steps 5 and 8 \(epoch 2\).*step 4.*is kept"):
-        common.pretrain(model, cfg, tcfg, *data, "mae", [mae.__file__, common.__file__], None)
+        common.pretrain(model, cfg, tcfg, *loaders, "mae", [mae.__file__, common.__file__])
     ckpt = common.load_checkpoint(tmp_path / "run")
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 

@@ -1,0 +1,280 @@
+"""Data: the built-in data set, readers of the others, the augmentation, and seeded loaders.
+
+Every data set yields (image, label), the image a PIL image or a (C, H, W) uint8 or [0, 1] tensor. SeededDataset
+adds the augmentation and a method's per-sample random inputs (e.g. masks), every draw fixed by (seed, epoch, index),
+and EpochSampler hands each process its share of a seeded shuffle, so a resumed run sees what an uninterrupted one
+would have, whatever the number of workers or processes.
+"""
+
+import gzip
+import itertools
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DATASETS = {  # name: (channels, (mean, std)) of the normalisation
+    "shapes": (3, ((0.497, 0.504, 0.500), (0.264, 0.264, 0.266))),
+    "fashion-mnist": (1, ((0.2860,), (0.3530,))),
+    "cifar10": (3, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
+    "cifar100": (3, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
+    "tiny-imagenet": (3, IMAGENET_STATS),
+    "imagenet": (3, IMAGENET_STATS),
+    "folder": (3, IMAGENET_STATS),
+}
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # apt install dataset-fashion-mnist
+
+
+class Shapes(torch.utils.data.Dataset):
+    """The built-in data set: one coloured shape (the class) on a striped, noisy background.
+
+    Drawn on the fly, so it needs no download, works at any image size, and is deterministic per
+    (split, index). Colour, stripes, size, position and rotation are random; only the form tells the
+    class, so a linear probe or kNN on learned features has something real to find.
+    """
+
+    classes = ("circle", "square", "triangle", "ring", "cross", "star", "crescent", "ellipse")
+
+    def __init__(self, split, size, img_size):
+        self.size, self.img_size, self.split_bit = size, img_size, {"train": 0, "val": 1}[split]
+        t = (torch.arange(img_size) + 0.5) / img_size * 2 - 1  # pixel centres in [-1, 1]
+        self.y, self.x = torch.meshgrid(t, t, indexing="ij")
+
+    def __len__(self):
+        return self.size
+
+    @staticmethod
+    def signed_distance(label, u, v):  # < 0 inside the shape; u, v in units of the shape's radius
+        r, a = (u**2 + v**2).sqrt(), torch.atan2(v, u)
+        edges = [u * math.cos(t) + v * math.sin(t) for t in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+        return [
+            r - 1,
+            torch.maximum(u.abs(), v.abs()) - 0.8,
+            torch.stack(edges).amax(0) - 0.5,
+            (r - 0.72).abs() - 0.28,
+            torch.minimum(torch.maximum(u.abs() - 1, v.abs() - 0.3), torch.maximum(u.abs() - 0.3, v.abs() - 1)),
+            r - (0.6 + 0.4 * torch.cos(5 * a)),
+            torch.maximum(r - 1, 0.8 - ((u - 0.55) ** 2 + v**2).sqrt()),
+            (u**2 + (v / 0.5) ** 2).sqrt() - 1,
+        ][label]
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(2 * i + self.split_bit)  # CPU generators use only 32 bits of a seed
+        label = i % len(self.classes)
+        rand = torch.rand(8, generator=g)
+        c1, c2 = torch.rand(3, 1, 1, generator=g), torch.rand(3, 1, 1, generator=g)
+        angle, freq, phase = rand[0] * math.pi, 1 + 5 * rand[1], 2 * math.pi * rand[2]
+        wave = 0.5 + 0.5 * torch.sin(freq * math.pi * (self.x * angle.cos() + self.y * angle.sin()) + phase)
+        img = c1 * wave + c2 * (1 - wave) + 0.06 * torch.randn(3, self.img_size, self.img_size, generator=g)
+        # the shape's colour is 0.3 to 0.7 away (mod 1) from the background's mean in every channel
+        colour = (0.5 * (c1 + c2) + 0.3 + 0.4 * torch.rand(3, 1, 1, generator=g)) % 1.0
+        cx, cy, scale, rot = (rand[3] - 0.5) * 0.7, (rand[4] - 0.5) * 0.7, 0.35 + 0.3 * rand[5], 2 * math.pi * rand[6]
+        dx, dy = self.x - cx, self.y - cy
+        u, v = (dx * rot.cos() + dy * rot.sin()) / scale, (-dx * rot.sin() + dy * rot.cos()) / scale
+        pixels = self.signed_distance(label, u, v) * scale * self.img_size / 2  # distance in pixels
+        alpha = (0.5 - pixels).clamp(0, 1)  # (H, W), anti-aliased over one pixel
+        return (img * (1 - alpha) + colour * alpha).clamp(0, 1), label
+
+
+def _read_idx(path):
+    """An IDX file of MNIST / Fashion-MNIST (optionally gzipped) as a uint8 tensor."""
+    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    shape = struct.unpack(f">{data[3]}I", data[4 : 4 + 4 * data[3]])
+    return torch.frombuffer(bytearray(data[4 + 4 * data[3] :]), dtype=torch.uint8).reshape(shape)
+
+
+class TensorImages(torch.utils.data.Dataset):
+    def __init__(self, images, labels, classes):
+        self.images, self.labels, self.classes = images, labels, classes  # (M, C, H, W) uint8, (M,)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+class FileImages(torch.utils.data.Dataset):
+    def __init__(self, samples, classes):
+        self.samples, self.classes = samples, classes  # [(path, label)], class names
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.samples[i]
+        with Image.open(path) as img:
+            return img.convert("RGB"), label  # a PIL image; transform() turns it into a tensor
+
+
+def _images_in(folder):
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"))
+
+
+def _fashion_mnist(split, root, download):
+    if download:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(root), train=split == "train", download=True)
+    dirs = [root / "fashion-mnist", root / "FashionMNIST" / "raw", root, FASHION_MNIST_DEBIAN]
+    for d, gz in itertools.product(dirs, ("", ".gz")):
+        prefix = d / {"train": "train", "val": "t10k"}[split]
+        images, labels = Path(f"{prefix}-images-idx3-ubyte{gz}"), Path(f"{prefix}-labels-idx1-ubyte{gz}")
+        if images.exists() and labels.exists():
+            classes = "T-shirt trouser pullover dress coat sandal shirt sneaker bag boot".split()
+            return TensorImages(_read_idx(images).unsqueeze(1), _read_idx(labels), classes)
+    raise ValueError(
+        f"Fashion-MNIST not found in {', '.join(map(str, dirs))}: install it with "
+        f"`apt install dataset-fashion-mnist`, or pass --download"
+    )
+
+
+def _cifar(name, split, root, download):
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    try:
+        ds = (CIFAR10 if name == "cifar10" else CIFAR100)(str(root), train=split == "train", download=download)
+    except RuntimeError:
+        hint = "expected the torchvision python version, e.g. cifar-10-batches-py/"
+        raise ValueError(f"{name} not found under {root}/ ({hint}): pass --download, or --data-dir") from None
+    return TensorImages(torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), ds.classes)
+
+
+def _tiny_imagenet(split, root):
+    root = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
+    hint = (
+        f"expected the Tiny-ImageNet layout under {root}/ (wnids.txt, train/<wnid>/images/*.JPEG, "
+        f"val/images/ and val/val_annotations.txt): unzip tiny-imagenet-200.zip there or pass --data-dir"
+    )
+    if not root.is_dir() or not (root / "wnids.txt").is_file():
+        raise ValueError(f"{'no wnids.txt' if root.is_dir() else f'the data folder {root} does not exist'}: {hint}")
+    wnids = (root / "wnids.txt").read_text().split()
+    index = {w: k for k, w in enumerate(wnids)}
+    if split == "train":
+        folders = [(root / "train" / w / "images", index[w]) for w in wnids]
+        samples = [(p, k) for folder, k in folders if folder.is_dir() for p in _images_in(folder)]
+    else:
+        annotations = root / "val" / "val_annotations.txt"
+        rows = [line.split("\t") for line in annotations.read_text().splitlines()] if annotations.is_file() else []
+        samples = [(root / "val" / "images" / r[0], index[r[1]]) for r in rows if len(r) > 1 and r[1] in index]
+        if not all(p.is_file() for p, _ in samples):
+            raise ValueError(f"val_annotations.txt names images missing from val/images/: {hint}")
+    if not samples:
+        raise ValueError(f"no {split} images found: {hint}")
+    return FileImages(samples, wnids)
+
+
+def _image_folder(split, root):
+    folder, hint = root / split, f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> (ImageNet's)"
+    if not root.is_dir():
+        raise ValueError(f"the data folder {root} does not exist: {hint}; pass --data-dir")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
+    samples = [(p, k) for k, c in enumerate(classes) for p in _images_in(folder / c)]
+    if not samples:
+        raise ValueError(f"no images in class folders under {folder}/: {hint}; pass --data-dir")
+    return FileImages(samples, classes)
+
+
+def load_dataset(name, split, root="data", size=0, img_size=32, download=False):
+    """The raw (image, label) data set `name` for split 'train' or 'val'; if size > 0, a fixed random subset of
+    `size` items (every class represented). Missing or malformed data raise a ValueError saying what was expected."""
+    root = Path(root)
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+    if name == "shapes":
+        return Shapes(split, size or {"train": 50_000, "val": 10_000}[split], img_size)
+    if name in ("fashion-mnist", "cifar10", "cifar100"):
+        ds = _fashion_mnist(split, root, download) if name == "fashion-mnist" else _cifar(name, split, root, download)
+    else:
+        ds = (_tiny_imagenet if name == "tiny-imagenet" else _image_folder)(split, root)
+    if size and size < len(ds):
+        keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:size].sort()[0]
+        ds, ds.classes = torch.utils.data.Subset(ds, keep.tolist()), ds.classes
+    return ds
+
+
+def transform(name, img_size, train):
+    """MAE pre-training augmentation (RandomResizedCrop scale (0.2, 1), bicubic, flip) or the evaluation resize +
+    centre crop, then normalisation with the data set's statistics."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    bicubic = InterpolationMode.BICUBIC
+    if train:
+        steps = [v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=bicubic), v2.RandomHorizontalFlip()]
+    else:  # large natural images: resize to 1/0.875 of the crop first, as the ImageNet protocol does
+        resize = round(img_size / 0.875) if name in ("imagenet", "folder") else img_size
+        steps = [v2.Resize(resize, interpolation=bicubic), v2.CenterCrop(img_size)]
+    normalize = v2.Normalize(*DATASETS[name][1])
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), normalize])
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Applies `transform` and draws a method's per-sample random inputs (`sample_inputs(generator)`, e.g. a mask),
+    all seeded by the sample's key (epoch, index): every draw is fixed by (seed, epoch, index), whatever the number
+    of workers or processes, so a resumed run sees exactly what an uninterrupted one would have."""
+
+    def __init__(self, base, transform, sample_inputs=None, seed=0):
+        self.base, self.transform, self.sample_inputs, self.seed = base, transform, sample_inputs, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        img, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):  # torchvision transforms draw from the global RNG
+            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) % 2**32)
+            img = self.transform(img)
+        if not self.sample_inputs:
+            return img, label, {}
+        return img, label, self.sample_inputs(torch.Generator().manual_seed(hash((self.seed, epoch, index, 1)) % 2**32))
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Keys (epoch, index): a permutation seeded by (seed, epoch), split across processes like DistributedSampler
+    (rank r takes every world-th index), starting `start` keys into this rank's share (a resumed run skips exactly
+    what it has trained on). Without shuffle: this rank's indices in order, every one of them."""
+
+    def __init__(self, n, shuffle, seed=0, rank=0, world=1):
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return max(self.n // self.world - self.start, 0) if self.shuffle else len(range(self.rank, self.n, self.world))
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order[: self.n // self.world * self.world] if self.shuffle else torch.arange(self.n)  # equal shares
+        for i in order[self.rank :: self.world][self.start :].tolist():
+            yield self.epoch, i
+
+
+def make_loader(dataset, batch_size, sampler, num_workers, train, device):
+    pin, persistent = device.type == "cuda", num_workers > 0
+    kwargs = dict(num_workers=num_workers, drop_last=train, pin_memory=pin, persistent_workers=persistent)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+
+
+def pretrain_loader(train_set, data, img_size, sample_inputs, seed, batch_size, num_workers, device, rank=0, world=1):
+    """The pre-training loader (the MAE augmentation and the method's per-sample inputs in the workers, this
+    process's share of a seeded shuffle); loader.sampler.set_epoch starts each epoch. `bench --data` times it."""
+    sampler = EpochSampler(len(train_set), shuffle=True, seed=seed, rank=rank, world=world)
+    dataset = SeededDataset(train_set, transform(data, img_size, True), sample_inputs, seed)
+    return make_loader(dataset, batch_size, sampler, num_workers, True, device), sampler
+
+
+def pretrain_loaders(train_set, val_set, data, img_size, sample_inputs, tcfg, device, rank=0, world=1):
+    """The pre-training loader over this process's share of train_set and the held-out loader over its share of
+    val_set (no augmentation, inputs seeded apart from training's)."""
+    settings = (tcfg.seed, tcfg.batch_size, tcfg.num_workers, device, rank, world)
+    loader = pretrain_loader(train_set, data, img_size, sample_inputs, *settings)[0]
+    val_data = SeededDataset(val_set, transform(data, img_size, False), sample_inputs, tcfg.seed + 1)
+    val_sampler = EpochSampler(len(val_set), False, rank=rank, world=world)
+    return loader, make_loader(val_data, tcfg.batch_size, val_sampler, min(tcfg.num_workers, 2), False, device)
