@@ -135,7 +135,7 @@ def test_readme_and_help_cover_every_method(method):
     assert set(common.PRESETS) >= {"tiny", "cpu", "cifar", "tiny-imagenet", "imagenet"}
 
 
-OURS = {"common", "cli", "evaluation", "experiments", *(Path(f).stem for f in MODULE_FILES.values())}
+OURS = {"common", "cli", "data_sets", "evaluation", "experiments", *(Path(f).stem for f in MODULE_FILES.values())}
 
 
 def our_imports(path):
@@ -150,10 +150,12 @@ def our_imports(path):
 
 
 def test_imports_go_one_way():
-    """Methods -> common; evaluation plumbing -> common; only cli.py (and experiments) import method files."""
+    """Methods -> common; evaluation plumbing -> common and data_sets; only cli.py (and experiments) import method
+    files; common and data_sets import nothing of ours."""
     assert our_imports(ROOT / "common.py") == set()
+    assert our_imports(ROOT / "data_sets" / "__init__.py") == set()
     for path in (ROOT / "evaluation").glob("*.py"):
-        assert our_imports(path) <= {"common", "evaluation"}, path.name
+        assert our_imports(path) <= {"common", "data_sets", "evaluation"}, path.name
     for filename in MODULE_FILES.values():
         assert our_imports(ROOT / filename) <= {"common", "cli"}, filename  # cli: the __main__ hand-off only
 
@@ -167,6 +169,21 @@ def test_top_level_holds_the_design_cards_files():
     top = {line.split("/")[0] for line in listing.stdout.splitlines()}
     design_card = {*MODULE_FILES.values(), "common.py", "cli.py", "tests", "README.md"}
     packaging = {"pyproject.toml", "requirements.txt", "requirements-test.txt", ".ci", "LICENSE", ".gitignore"}
-    folders = {"evaluation", "experiments", "docs"}  # plumbing for evaluation and costs; forks and runs; write-ups
+    folders = {
+        "data_sets",
+        "evaluation",
+        "experiments",
+        "docs",
+    }  # data; evaluation and costs; forks and runs; write-ups
     assert top - design_card - packaging - folders == set()
     assert design_card <= top
+
+
+def test_size_anchors():
+    """The house stays small (issue 13): common.py <= 600 lines, cli.py <= 300, all Python outside tests/ and
+    experiments/ <= 3,000 lines, the five method files at least 40 % of it (ruff keeps the lines honest in CI)."""
+    files = [p for pattern in ("*.py", "data_sets/*.py", "evaluation/*.py") for p in ROOT.glob(pattern)]
+    lines = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in files}
+    methods = sum(lines[f] for f in MODULE_FILES.values())
+    assert lines["common.py"] <= 600 and lines["cli.py"] <= 300, lines
+    assert sum(lines.values()) <= 3000 and methods >= 0.4 * sum(lines.values()), (methods, sum(lines.values()), lines)
