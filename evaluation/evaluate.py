@@ -1,7 +1,6 @@
 """Evaluation plumbing shared by every method: kNN, linear probe, fine-tuning (on common.train), reconstruction
-pictures, result folders and the export to timm. It names no method: a model is rebuilt from its checkpoint and then
-used only through forward_features(imgs) -> (B, N, D) and forward(imgs, **inputs) -> (loss, pred, mask).
-The protocol and its deviations from the official code: docs/evaluation.md."""
+pictures, result folders, export to timm. It names no method: a checkpoint's model is used only through
+forward_features(imgs) -> (B, N, D) and forward(imgs, **inputs) -> (loss, pred, mask). Protocol: docs/evaluation.md."""
 
 import inspect
 import json
