@@ -461,38 +461,11 @@ def separability(ctx: typer.Context):
     )
 
 
-@dataclasses.dataclass
-class ExportConfig:
-    out: str = ""  # the file to write (default: <run folder>/encoder_timm.pth)
-    overwrite: bool = False  # replace --out if it exists
-    method: str = ""  # method of a checkpoint that does not name one (official MAE checkpoints; default mae)
-
-
 @app.command(**RAW)
 def export(ctx: typer.Context):
     """Write the encoder as a plain state dict in timm VisionTransformer names; print the timm call that loads it."""
-    source, given = run_args(ctx, [ExportConfig])
-    x = build(ExportConfig, given)
-    model, info = evaluate.load_model(source, method_of, x.method or OFFICIAL)
-    path = Path(x.out) if x.out else info["run_dir"] / "encoder_timm.pth"
-    if path.is_dir() or (path.exists() and not x.overwrite):
-        fix = "pass another --out" if path.is_dir() else "pass --overwrite to replace it, or another --out"
-        raise ValueError(f"{path} already exists{' and is a folder' if path.is_dir() else ''}: {fix}")
-    state, kwargs = evaluate.export_timm(model, info, source)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    common.save_checkpoint(state, path)  # atomic: a temporary file, then a rename
-    console.print(
-        f"wrote {path}: {len(state)} tensors, {sum(v.numel() for v in state.values()) / 1e6:.2f}M values, "
-        f"the {info['method']} encoder without its decoder. Load it with",
-        highlight=False,
-    )
-    console.print(
-        f"import functools, timm, torch\nvit = {evaluate.timm_constructor(kwargs)}\n"
-        f"vit.load_state_dict(torch.load({str(path)!r}, weights_only=True), strict=True)",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
-    )
+    source, given = run_args(ctx, [evaluate.ExportConfig])
+    evaluate.run_export(source, build(evaluate.ExportConfig, given), method_of, console)
 
 
 @dataclasses.dataclass

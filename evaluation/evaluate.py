@@ -1,14 +1,7 @@
-"""Evaluation plumbing shared by every method: kNN, linear probing, fine-tuning (on common.train), reconstruction
-pictures, result folders, and the export of a ViT encoder to timm. Nothing here names a method: a model is rebuilt
-from a checkpoint with its method file's `Config` and model class, then touched only through the contract,
-`forward_features(imgs) -> (B, N, D)` and `forward(imgs, **inputs) -> (loss, pred, mask)`.
+"""Evaluation plumbing shared by every method: kNN, linear probe, fine-tuning (on common.train), reconstruction
+pictures, result folders, export to timm. It names no method: a checkpoint's model is used only through
+forward_features(imgs) -> (B, N, D) and forward(imgs, **inputs) -> (loss, pred, mask). Protocol: docs/evaluation.md."""
 
-The protocol (features: forward_features on the whole image, mean-pooled over the N tokens; knn: 20 neighbours,
-T = 0.07; linprobe: frozen encoder, BatchNorm1d without affine + Linear, cached features; finetune: the MAE recipe)
-and its deviations from the official code are in docs/evaluation.md.
-"""
-
-import dataclasses
 import inspect
 import json
 import math
@@ -19,13 +12,14 @@ import shutil
 import textwrap
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from rich.progress import Progress
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import common
 import data_sets
@@ -35,7 +29,7 @@ import data_sets
 
 def train_config(cfg, **values):
     """common.TrainConfig from the fields `cfg` shares with it (so it checks them, with its errors) and `values`."""
-    names = {f.name for f in dataclasses.fields(common.TrainConfig)}
+    names = {f.name for f in fields(common.TrainConfig)}
     return common.TrainConfig(**{k: v for k, v in asdict(cfg).items() if k in names}, **values)
 
 
@@ -54,8 +48,7 @@ class EvalConfig:
     out: str = ""  # result folder (default: <run folder>/eval/<command>[-random-init]-<data>-s<seed>)
 
     def __post_init__(self):  # checked before any result folder is written
-        if self.num_workers < 0:
-            raise ValueError(f"--num-workers must not be negative, got {self.num_workers}")
+        common.check_options(self, non_negative="num_workers")
         common.check_device(self.device)
 
 
@@ -110,10 +103,9 @@ class FinetuneConfig:
 
     def __post_init__(self):
         train_config(self)  # the fields shared with common.TrainConfig; then the recipe's own
+        common.check_options(self, non_negative="mixup cutmix drop_path randaug_n")
         if not (0 < self.layer_decay <= 1 and 0 <= self.smoothing < 1 and 0 <= self.ema < 1 and 0 <= self.reprob <= 1):
             raise ValueError("--layer-decay must be in (0, 1], --smoothing and --ema in [0, 1), --reprob in [0, 1]")
-        if min(self.mixup, self.cutmix, self.drop_path, self.randaug_n) < 0:
-            raise ValueError("--mixup, --cutmix, --drop-path and --randaug-n must not be negative")
 
 
 @dataclass
@@ -128,25 +120,27 @@ class VisualizeConfig:
             raise ValueError("--num-images must be at least 1, --split train or val, --norm-pix denorm or raw")
 
 
+@dataclass
+class ExportConfig:
+    out: str = ""  # the file to write (default: <run folder>/encoder_timm.pth)
+    overwrite: bool = False  # replace --out if it exists
+    method: str = ""  # method of a checkpoint that does not name one (official MAE checkpoints; default mae)
+
+
 # Models from checkpoints: ours ({"model", "method", "config", ...}) and official MAE ones ({"model", "args"}).
 
 
 def vit_shape(state):
-    """The sizes of a ViT read off its state dict (a position embedding over 1 + N tokens), all but num_heads."""
+    """The sizes of a ViT but num_heads, read off its state dict (a position embedding over 1 + N tokens)."""
     embed_dim, in_chans, patch = map(int, state["patch_embed.proj.weight"].shape[:3])  # (D, C, P, P)
     img_size = math.isqrt(state["pos_embed"].shape[1] - 1) * patch  # pos_embed: (1, 1 + N, D)
-    depth, mlp_ratio = stack_depth(state, "blocks"), state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
-    return dict(
-        img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim, depth=depth, mlp_ratio=mlp_ratio
-    )
+    ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    sizes = dict(img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim, mlp_ratio=ratio)
+    return {**sizes, "depth": len({k.split(".")[1] for k in state if k.startswith("blocks.")})}
 
 
-def stack_depth(state, stack):  # the blocks of blocks.0, blocks.1, ... in a state dict
-    return len({k.split(".")[1] for k in state if k.startswith(stack + ".")})
-
-
-def official_config(state, args=None, fields=()):
-    """Config values of an official MAE checkpoint, read from its tensor shapes (and `args`, if any)."""
+def official_config(state, args, names):
+    """Config values of an official MAE checkpoint: the sizes from its tensors, the other `names` from its args."""
     for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
         if key not in state:
             raise ValueError(f"the checkpoint has no {key!r}: it is neither ours nor an official MAE/timm ViT one")
@@ -154,97 +148,69 @@ def official_config(state, args=None, fields=()):
     if shape["embed_dim"] not in heads:
         known = ", ".join(map(str, heads))
         raise ValueError(f"cannot tell the heads of a {shape['embed_dim']}-d ViT: common.VIT_SIZES knows {known}")
-    given = {k: v for k, v in (vars(args) if args else {}).items() if k in fields and k != "drop_path"}
+    given = {k: v for k, v in (vars(args) if args else {}).items() if k in names and k != "drop_path"}
     values = {**given, **shape, "num_heads": heads[shape["embed_dim"]]}  # given: e.g. norm_pix_loss, mask_ratio
     if "decoder_embed.weight" in state:  # a full checkpoint (official *_full.pth): the decoder too
-        values.update(decoder_embed_dim=state["decoder_embed.weight"].shape[0], decoder_num_heads=16)
-        values.update(decoder_depth=stack_depth(state, "decoder_blocks"))
+        depth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
+        values.update(decoder_embed_dim=state["decoder_embed.weight"].shape[0], decoder_depth=depth)
+        values["decoder_num_heads"] = 16  # the official decoder's
     return values
 
 
 def feature_param_names(model):
-    """(names, D): the parameters that get a gradient through forward_features on one image, plus every buffer
-    (the rest, decoders and mask tokens, is not evaluated), and the width D of the features."""
+    """(names, D): the parameters that get a gradient through forward_features and every buffer (the rest, decoders
+    and mask tokens, is not evaluated); D, the width of the features."""
     cfg, params = model.cfg, dict(model.named_parameters())
-    flags, was_training = {n: p.requires_grad for n, p in params.items()}, model.training
-    model.requires_grad_(True).eval()
-    try:
-        imgs = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size).to(next(model.parameters()))
-        out = model.forward_features(imgs)
-        if out.ndim != 3:
-            raise ValueError(
-                f"forward_features returned shape {tuple(out.shape)}, not (B, N, D): see docs/evaluation.md"
-            )
-        grads = torch.autograd.grad(out.float().sum(), list(params.values()), allow_unused=True)
-    finally:
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
+    flags, was_training = [p.requires_grad for p in params.values()], model.training
+    imgs = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size).to(next(model.parameters()))
+    out = model.requires_grad_(True).eval().forward_features(imgs)
+    if out.ndim != 3:
+        raise ValueError(f"forward_features returned shape {tuple(out.shape)}, not (B, N, D): see docs/evaluation.md")
+    grads = torch.autograd.grad(out.float().sum(), list(params.values()), allow_unused=True)
+    for p, flag in zip(params.values(), flags):
+        p.requires_grad_(flag)
+    model.train(was_training)
     used = {n for n, g in zip(params, grads) if g is not None}
     return used | {n for n, _ in model.named_buffers()}, out.shape[-1]
 
 
 def load_model(source, find_method, method="", random_init=False, seed=0, overrides=None, need_all=False):
-    """(model, info) from a run folder or checkpoint file. find_method(name, checkpoint) -> (method module,
-    model class), e.g. cli.method_of; `method` names the method of a checkpoint that does not.
-    With random_init the architecture is rebuilt and the weights are left random (seeded).
-    need_all: every weight must be in the checkpoint (reconstructions need the decoder too)."""
+    """(model, info) from a run folder or checkpoint file; find_method(name, checkpoint) -> (method module, model
+    class), e.g. cli.method_of. random_init: weights left random (seeded); need_all: the decoder must be there too."""
     ckpt = common.load_checkpoint(source)
     name = ckpt.get("method") or method
     if not name:
         raise ValueError(f"{source} does not say which method made it: pass --method")
     module, model_cls = find_method(name, ckpt)
-    fields = {f.name for f in dataclasses.fields(module.Config)}
+    names = {f.name for f in fields(module.Config)}
     official = "config" not in ckpt
-    values = official_config(ckpt["model"], ckpt.get("args"), fields) if official else dict(ckpt["config"])
+    values = official_config(ckpt["model"], ckpt.get("args"), names) if official else dict(ckpt["config"])
     for key, value in (overrides or {}).items():
-        if key not in fields and not value:  # e.g. --drop-path 0 for a method without drop path
-            continue
-        if key not in fields:
+        if key in names:
+            values[key] = value
+        elif value:  # (--drop-path 0 is fine for a method without drop path)
             raise ValueError(f"{name}'s Config has no field {key!r}, so --{key.replace('_', '-')} cannot be set")
-        values[key] = value
-    unknown = sorted(set(values) - fields)
+    unknown = ", ".join(sorted(set(values) - names))
     if unknown:
-        raise ValueError(
-            f"{source} has Config fields {', '.join(unknown)} that {name}'s Config lacks: "
-            f"it was written by another version of the method file"
-        )
+        raise ValueError(f"{source} has Config fields that {name}'s Config lacks ({unknown}): another version wrote it")
     cfg = module.Config(**values)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(cfg)
     needed, dim = feature_param_names(model)
     if not random_init:
-        own = model.state_dict()
-        state = ckpt["model"]
-        wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
-        if wrong:
-            raise ValueError(
-                f"{source}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model expects "
-                f"{tuple(own[wrong[0]].shape)}: the checkpoint does not match its config"
-            )
-        missing, _ = model.load_state_dict(state, strict=False)
-        lost = [k for k in missing if need_all or k in needed]
+        own, state = model.state_dict(), ckpt["model"]
+        lost = [k for k in own if k not in state and (need_all or k in needed)]
         if lost:
             what = "the whole model (decoder included)" if need_all else "the encoder"
-            raise ValueError(
-                f"{source} lacks weights of {what}: {', '.join(lost[:4])}{' ...' if len(lost) > 4 else ''}"
-                f" (a fine-tuned or encoder-only checkpoint? use a full pre-training checkpoint)"
-            )
-    path = Path(source)
-    run_dir = path if path.is_dir() else path.parent
-    info = {
-        "method": name,
-        "module": module,
-        "config": cfg,
-        "official": official,
-        "run_dir": run_dir,
-        "train": ckpt.get("train") or {},
-        "ckpt": ckpt,
-        "needed": needed,
-        "dim": dim,
-        "encoder_params": sum(p.numel() for n, p in model.named_parameters() if n in needed),
-    }
+            listed = ", ".join(lost[:4]) + (" ..." if len(lost) > 4 else "")
+            hint = "a fine-tuned or encoder-only checkpoint? use a full pre-training checkpoint"
+            raise ValueError(f"{source} lacks weights of {what}: {listed} ({hint})")
+        common.load_weights(model, {**own, **{k: v for k, v in state.items() if k in own}}, source)  # one-line errors
+    run_dir = Path(source) if Path(source).is_dir() else Path(source).parent
+    params = sum(p.numel() for n, p in model.named_parameters() if n in needed)
+    info = dict(method=name, module=module, config=cfg, official=official, run_dir=run_dir, ckpt=ckpt, needed=needed)
+    info.update(train=ckpt.get("train") or {}, dim=dim, encoder_params=params)
     return model, info
 
 
@@ -252,9 +218,8 @@ def load_model(source, find_method, method="", random_init=False, seed=0, overri
 
 
 class TimmViT(nn.Module):
-    """timm's VisionTransformer encoder (its defaults: a cls token, a learned pos_embed over 1 + N tokens, pre-norm
-    blocks, the final norm) from common's pieces under timm's names: export_timm checks in it that the exported
-    tensors compute the model's forward_features."""
+    """timm's VisionTransformer encoder (cls token, learned pos_embed over 1 + N tokens, pre-norm blocks, final norm)
+    from common's pieces under timm's names: export_timm checks in it that the exported tensors compute our features."""
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim, depth, mlp_ratio, num_heads):
         super().__init__()
@@ -277,9 +242,8 @@ TIMM_NEEDS = "cls_token pos_embed patch_embed.proj.weight blocks.0.attn.qkv.weig
 
 
 def export_timm(model, info, source):
-    """(state, kwargs): the encoder's tensors under timm's VisionTransformer names (no decoder, no other tensor) and
-    the arguments of timm.models.vision_transformer.VisionTransformer that load them (see timm_constructor). A model
-    whose features are not those of such a ViT is refused with a one-line ValueError."""
+    """(state, kwargs): the encoder's tensors under timm's names (nothing else) and the VisionTransformer arguments
+    that load them. A model whose features are not those of such a ViT is refused with a one-line ValueError."""
     own = model.state_dict()
     state = {k: v.detach().clone() for k, v in own.items() if re.fullmatch(TIMM_NAME, k)}
     other = ", ".join(sorted(n for n in info["needed"] if n not in state and n in own)[:3]) or "other computations"
@@ -309,47 +273,62 @@ def timm_constructor(kwargs):
     return f"timm.models.vision_transformer.VisionTransformer({args}, qkv_bias=True, num_classes=0, {norm})"
 
 
+def run_export(source, xcfg, find_method, console):
+    """Write the encoder of `source` with export_timm (atomically) and print the timm code that loads it; the path."""
+    model, info = load_model(source, find_method, xcfg.method or "mae")
+    path = Path(xcfg.out) if xcfg.out else info["run_dir"] / "encoder_timm.pth"
+    if path.is_dir() or (path.exists() and not xcfg.overwrite):
+        fix = "pass another --out" if path.is_dir() else "pass --overwrite to replace it, or another --out"
+        raise ValueError(f"{path} already exists{' and is a folder' if path.is_dir() else ''}: {fix}")
+    state, kwargs = export_timm(model, info, source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    common.save_checkpoint(state, path)  # atomic: a temporary file, then a rename
+    values = sum(v.numel() for v in state.values()) / 1e6
+    what = f"{len(state)} tensors, {values:.2f}M values, the {info['method']} encoder without its decoder"
+    console.print(f"wrote {path}: {what}. Load it with", highlight=False)
+    load = f"vit.load_state_dict(torch.load({str(path)!r}, weights_only=True), strict=True)"
+    code = f"import functools, timm, torch\nvit = {timm_constructor(kwargs)}\n{load}"
+    console.print(code, highlight=False, markup=False, soft_wrap=True)
+    return path
+
+
 # Data, features, kNN, the probe and the fine-tuning classifier
 
 
 def eval_datasets(ecfg, info, splits=("train", "val")):
     """(data name, *the splits' data sets) following EvalConfig, defaulting to the pre-training data."""
-    pre, in_chans = info["train"], info["config"].in_chans
+    pre, cfg = info["train"], info["config"]
     data = ecfg.data or pre.get("data") or "imagenet"
     same = data == pre.get("data")
     if data not in data_sets.DATASETS:
         raise ValueError(f"unknown data set {data!r}: choose one of {', '.join(data_sets.DATASETS)}")
-    if data_sets.DATASETS[data][0] != in_chans:
-        raise ValueError(f"{data} has {data_sets.DATASETS[data][0]} channel(s) but the model takes {in_chans}")
+    if data_sets.DATASETS[data][0] != cfg.in_chans:
+        raise ValueError(f"{data} has {data_sets.DATASETS[data][0]} channel(s) but the model takes {cfg.in_chans}")
     data_dir = ecfg.data_dir or (pre.get("data_dir") if same else None) or "data"
     sizes = {"train": ecfg.train_size, "val": ecfg.val_size}
     sizes = {k: v if v >= 0 else (pre.get(f"{k}_size", 0) if same else 0) for k, v in sizes.items()}
-    img_size = info["config"].img_size
-    return data, *(data_sets.load_dataset(data, s, data_dir, sizes[s], img_size, ecfg.download) for s in splits)
+    return data, *(data_sets.load_dataset(data, s, data_dir, sizes[s], cfg.img_size, ecfg.download) for s in splits)
 
 
 def loader_for(dataset, tf, batch_size, num_workers, device, shuffle=False, seed=0, epoch=0, rank=0, world=1):
-    """A loader over this process's share of `dataset`, `tf` applied, its random draws seeded by (seed, epoch, index);
-    with shuffle in a seeded order without the last partial batch (loader.sampler.set_epoch starts each epoch)."""
+    """This process's share of `dataset`, `tf` applied with its random draws seeded by (seed, epoch, index); shuffled
+    in a seeded order without the last partial batch (loader.sampler.set_epoch starts each epoch)."""
     sampler = data_sets.EpochSampler(len(dataset), shuffle, seed=seed, rank=rank, world=world)
     sampler.set_epoch(epoch)
     data = data_sets.SeededDataset(dataset, tf, None, seed)
     return data_sets.make_loader(data, batch_size, sampler, num_workers, shuffle, device)
 
 
-def pooled_features(model, imgs):
-    """The protocol's feature: forward_features (B, N, D), mean over the N patch tokens -> (B, D)."""
-    return model.forward_features(imgs).mean(dim=1)
-
-
 @torch.no_grad()
-def extract_features(model, dataset, tf, batch_size, num_workers, device, bar=None, label="", seed=0, epoch=0):
-    """Pooled features (M, D) and labels (M,) of a whole data set, in order, the model in eval mode."""
-    loader = loader_for(dataset, tf, batch_size, num_workers, device, seed=seed, epoch=epoch)
+def extract_features(model, dataset, data, batch_size, ecfg, augment=False, epoch=0, bar=None, label=""):
+    """The protocol's features of a whole data set in order, the model in eval mode: forward_features (B, N, D)
+    mean-pooled over the N tokens, (M, D), and the labels (M,). Augmented crops are seeded by (seed, epoch, index)."""
+    device, tf = next(model.parameters()).device, data_sets.transform(data, model.cfg.img_size, augment)
+    loader = loader_for(dataset, tf, batch_size, ecfg.num_workers, device, seed=ecfg.seed, epoch=epoch)
     dtype, feats, labels = common.autocast_dtype("bf16", device), [], []
-    for imgs, y, _ in bar.track(loader, description=label) if bar else loader:
+    for imgs, y, _ in bar.track(loader, description=f"{label} features") if bar else loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            feats.append(pooled_features(model.eval(), imgs.to(device, non_blocking=True)).float().cpu())  # (B, D)
+            feats.append(model.eval().forward_features(imgs.to(device, non_blocking=True)).mean(1).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -361,8 +340,8 @@ def accuracy(scores, labels, topk=(1, 5)):
 
 
 def knn_scores(train_feats, train_labels, test_feats, classes, k=20, temperature=0.07, chunk=1024):
-    """Weighted kNN votes (M_test, classes): cosine similarity of L2-normalised features, the k nearest
-    training features vote for their label with weight exp(similarity / temperature)."""
+    """Weighted kNN votes (M_test, classes): the k training features nearest by cosine similarity vote for their
+    label with weight exp(similarity / temperature)."""
     train_feats, votes = F.normalize(train_feats.float(), dim=1), []
     for part in F.normalize(test_feats.float(), dim=1).split(chunk):
         sim, idx = (part @ train_feats.T).topk(min(k, len(train_feats)), dim=1)  # (b, k)
@@ -376,15 +355,8 @@ def init_head(module, std):  # a classifier head: trunc normal weights, zero bia
     return module
 
 
-def linear_probe(dim, classes):
-    """BatchNorm without affine parameters, then a linear classifier (official main_linprobe.py)."""
-    bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-    return nn.Sequential(OrderedDict(bn=bn, head=init_head(nn.Linear(dim, classes), 0.01)))
-
-
 class Classifier(nn.Module):
-    """The encoder's pooled features, then the global-pool head: LayerNorm + Linear (official
-    models_vit.py with global_pool, head initialised with std 2e-5)."""
+    """The pooled features, then the global-pool head LayerNorm + Linear (official models_vit.py, std 2e-5)."""
 
     def __init__(self, encoder, dim, classes):
         super().__init__()
@@ -392,15 +364,13 @@ class Classifier(nn.Module):
         self.head = init_head(nn.Linear(dim, classes), 2e-5)
 
     def forward(self, imgs):
-        return self.head(self.fc_norm(pooled_features(self.encoder, imgs)))  # (B, classes)
+        return self.head(self.fc_norm(self.encoder.forward_features(imgs).mean(dim=1)))  # (B, classes)
 
 
 def layer_decay_groups(model, weight_decay, layer_decay):
-    """AdamW groups with an "lr_scale" each (official util/lr_decay.py). Layer 0 is the embeddings (patch_embed,
-    cls_token, pos_embed), layer i + 1 blocks.i, then come the trainable decoder_blocks.i (only a model whose features
-    run them has them trainable: RevColV2's top-down columns, after the encoder's; DEVIATION: a column is one layer,
-    RevCol v1: level + column), and layer L + 1 is the rest (final norm, head) for a stack of L blocks; layer l learns
-    at lr * layer_decay ** (L + 1 - l). No weight decay on biases, norms, tokens and position embeddings."""
+    """AdamW groups with an "lr_scale" each (official util/lr_decay.py): layer 0 is the embeddings, layer i + 1
+    blocks.i, then come the trainable decoder_blocks.i (RevColV2's top-down columns), and layer L + 1 is the rest
+    (final norm, head); layer l learns at lr * layer_decay ** (L + 1 - l). No weight decay on 1-d, token, pos_embed."""
     named = [(n, n.removeprefix("encoder.").split("."), p) for n, p in model.named_parameters() if p.requires_grad]
     blocks = {s: len({parts[1] for _, parts, _ in named if parts[0] == s}) for s in ("blocks", "decoder_blocks")}
     depth, groups = sum(blocks.values()), {}
@@ -417,8 +387,7 @@ def layer_decay_groups(model, weight_decay, layer_decay):
 
 
 def finetune_transform(data, img_size, fcfg):
-    """The MAE fine-tuning augmentation: RandomResizedCrop (0.08, 1), flip, RandAugment, normalise,
-    random erasing (official util/datasets.py through timm's create_transform)."""
+    """The MAE fine-tuning augmentation (official util/datasets.py through timm's create_transform)."""
     from torchvision.transforms import InterpolationMode, v2
 
     crop = v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC)
@@ -465,10 +434,9 @@ NORM_PIX_NOTES = {  # how a norm-pix model's predictions are shown
 
 @torch.no_grad()
 def reconstructions(model, dataset, data, img_size, sample_inputs, n=8, seed=0, norm_pix="denorm"):
-    """The columns of the reconstruction picture of the first n images of `dataset`, a list of (label, (n, 3, H, W)
-    in [0, 1]): original, masked input, reconstruction, reconstruction with the visible patches pasted, then an
-    overlay of each boolean (N,) per-sample input (e.g. the masked tokens a method throws away); and a note on how
-    norm-pix predictions are shown. Masks and the other inputs come from `sample_inputs`, seeded by (seed, index)."""
+    """The columns (label, (n, 3, H, W) in [0, 1]) of the picture of the first n images: original, masked input,
+    reconstruction, reconstruction + visible patches, then each boolean (N,) input of `sample_inputs` (seeded by
+    (seed, index); e.g. the tokens a method throws away) in red; and a note on how norm-pix predictions are shown."""
     ds = data_sets.SeededDataset(dataset, data_sets.transform(data, img_size, False), sample_inputs, seed)
     imgs, labels, inputs = torch.utils.data.default_collate([ds[(0, i)] for i in range(min(n, len(dataset)))])
     if "labels" in inspect.signature(model.forward).parameters:
@@ -513,28 +481,26 @@ def reconstructions(model, dataset, data, img_size, sample_inputs, n=8, seed=0, 
     return columns, note
 
 
-PAD, LINE_H, TITLE_LINES = 2, 12, 3
-
-
 def save_grid(columns, path, title="", scale=0):
     """Write the columns (label, (rows, 3, H, W) in [0, 1]) side by side as a PNG, each image enlarged `scale` times
-    (0: to about 128 px), under up to TITLE_LINES lines of `title` and a label over each column; (width, height)."""
+    (0: to about 128 px), under up to 3 lines of `title` and a label over each column; (width, height)."""
     from PIL import Image, ImageDraw
     from torchvision.transforms.functional import to_pil_image
     from torchvision.utils import make_grid
 
+    pad, line_h, title_lines = 2, 12, 3
     cells = torch.stack([imgs for _, imgs in columns], 1).flatten(0, 1)  # (rows * columns, 3, H, W), row by row
     scale = scale or max(1, round(128 / cells.shape[-1]))
     cells = cells.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # nearest: pixels stay visible
-    grid = to_pil_image(make_grid(cells, nrow=len(columns), padding=PAD, pad_value=1.0).mul(255).round().byte())
-    top = (TITLE_LINES + 1) * LINE_H
+    grid = to_pil_image(make_grid(cells, nrow=len(columns), padding=pad, pad_value=1.0).mul(255).round().byte())
+    top = (title_lines + 1) * line_h
     canvas = Image.new("RGB", (grid.width, top + grid.height), "white")
     canvas.paste(grid, (0, top))
     draw = ImageDraw.Draw(canvas)
-    for i, line in enumerate(textwrap.wrap(title, grid.width // 6)[:TITLE_LINES]):  # the default font: ~6 px a letter
-        draw.text((PAD, i * LINE_H), line, fill="black")
+    for i, line in enumerate(textwrap.wrap(title, grid.width // 6)[:title_lines]):  # the default font: ~6 px a letter
+        draw.text((pad, i * line_h), line, fill="black")
     for c, (label, _) in enumerate(columns):
-        draw.text((PAD + c * (cells.shape[-1] + PAD), top - LINE_H), label, fill="black")
+        draw.text((pad + c * (cells.shape[-1] + pad), top - line_h), label, fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
     return canvas.size
@@ -559,31 +525,22 @@ def pretraining_summary(info):
         return "official checkpoint", None
     log, train = info["run_dir"] / "log.jsonl", info["train"]
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-    epochs = max([r["epoch"] for r in rows if "epoch" in r] or [0])
+    epochs = max((r["epoch"] for r in rows if "epoch" in r), default=0)
     if info["ckpt"].get("finetune"):
         return f"fine-tuned {epochs:g} ep, see {info['run_dir']}", None
     images = f"{train['train_size']:,}" if train.get("train_size") else "all"
-    seconds = max([r["elapsed_s"] for r in rows if "elapsed_s" in r] or [0]) or None
+    seconds = max((r["elapsed_s"] for r in rows if "elapsed_s" in r), default=0) or None
     return f"{epochs:g} ep x {images} img, batch {train.get('batch_size', '?')}", seconds
-
-
-def settings_text(command, ccfg):
-    if command == "knn":
-        return f"kNN k={ccfg.k}, T={ccfg.temperature}"
-    if command == "linprobe":
-        return f"linear probe {ccfg.epochs} ep{', augmented' if ccfg.augment else ''}"
-    return f"fine-tune {ccfg.epochs} ep"
 
 
 def default_out(info, command, ecfg, data):
     return info["run_dir"] / "eval" / f"{command}{'-random-init' if ecfg.random_init else ''}-{data}-s{ecfg.seed}"
 
 
-def start_result(out, command, ecfg, ccfg, info, data, code_files, world=1, fresh=True):
-    """Create the result folder with config.json and code/ (this code, and the pre-training code that the checkpoint
-    carries); return the metadata that result.json repeats. fresh: drop an earlier result and log (not when a
-    fine-tuning run is continued)."""
-    out, cfg, ckpt = Path(out), info["config"], info["ckpt"]
+def start_result(out, command, settings, ecfg, ccfg, info, data, code_files, world=1, fresh=True):
+    """Create the result folder with config.json and code/ (this code and the pre-training code the checkpoint
+    carries); the metadata result.json repeats. fresh: drop an earlier result and log (not on --resume)."""
+    cfg, ckpt = info["config"], info["ckpt"]
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a result folder: pass a folder")
     (out / "code" / "pretrain").mkdir(parents=True, exist_ok=True)
@@ -597,22 +554,22 @@ def start_result(out, command, ecfg, ccfg, info, data, code_files, world=1, fres
     meta = dict(command=command, method=info["method"], data=data, random_init=ecfg.random_init, seed=ecfg.seed)
     meta.update(pretrain_seed=info["train"].get("seed"), pretraining=pretraining, pretrain_wall_s=pretrain_s)
     meta.update(encoder=f"{info['encoder_params'] / 1e6:.2f}M params, {cfg.img_size} px")
-    meta.update(settings=settings_text(command, ccfg), source=str(info["run_dir"]), git=common.git_hash())
+    meta.update(settings=settings, source=str(info["run_dir"]), git=common.git_hash())
     meta.update(pretrain_git=ckpt.get("git"), machine=machine(), world_size=world, torch=torch.__version__)
-    config = {**meta, "eval": asdict(ecfg), command: asdict(ccfg)}
-    config.update(model_config=asdict(cfg), pretrain_train=info["train"])
-    if info["official"] and ckpt.get("args") is not None:
+    config = {**meta, "eval": asdict(ecfg), command: asdict(ccfg), "model_config": asdict(cfg)}
+    config["pretrain_train"] = info["train"]
+    if ckpt.get("args") is not None:  # an official checkpoint's argparse options
         config["official_args"] = {k: repr(v) for k, v in vars(ckpt["args"]).items()}
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     return meta
 
 
 def finish_result(out, meta, metrics, start, train_set, val_set):
-    """Write result.json: the metadata, the metrics, the images and the wall time since `start`."""
+    """Write result.json (the metadata, the metrics, the images, the wall time since `start`); (result, out)."""
     metrics = {**metrics, "train_images": len(train_set), "val_images": len(val_set)}
     result = {**meta, "metrics": metrics, "wall_s": round(time.perf_counter() - start, 1)}
-    (Path(out) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result, out
 
 
 # The commands (cli.py parses the options, loads the model with load_model and calls these)
@@ -623,20 +580,13 @@ def run_knn(model, info, ecfg, kcfg, code_files, console):
     start = time.perf_counter()
     data, train_set, val_set = eval_datasets(ecfg, info)
     out = Path(ecfg.out or default_out(info, "knn", ecfg, data))
-    meta = start_result(out, "knn", ecfg, kcfg, info, data, code_files)
-    device, tf, features = (
-        common.pick_device(ecfg.device),
-        data_sets.transform(data, info["config"].img_size, False),
-        [],
-    )
+    meta = start_result(out, "knn", f"kNN k={kcfg.k}, T={kcfg.temperature}", ecfg, kcfg, info, data, code_files)
+    model.to(common.pick_device(ecfg.device))
     with Progress(console=console, transient=True) as bar:
-        for split, label in ((train_set, "train features"), (val_set, "val features")):
-            features.append(
-                extract_features(model.to(device), split, tf, kcfg.batch_size, ecfg.num_workers, device, bar, label)
-            )
-    (train_f, train_y), (val_f, val_y) = features
+        train_f, train_y = extract_features(model, train_set, data, kcfg.batch_size, ecfg, bar=bar, label="train")
+        val_f, val_y = extract_features(model, val_set, data, kcfg.batch_size, ecfg, bar=bar, label="val")
     top1, top5 = accuracy(knn_scores(train_f, train_y, val_f, len(train_set.classes), kcfg.k, kcfg.temperature), val_y)
-    return finish_result(out, meta, {"top1": top1, "top5": top5}, start, train_set, val_set), out
+    return finish_result(out, meta, {"top1": top1, "top5": top5}, start, train_set, val_set)
 
 
 def run_linprobe(model, info, ecfg, lcfg, code_files, console):
@@ -644,72 +594,66 @@ def run_linprobe(model, info, ecfg, lcfg, code_files, console):
     start = time.perf_counter()
     data, train_set, val_set = eval_datasets(ecfg, info)
     out = Path(ecfg.out or default_out(info, "linprobe", ecfg, data))
-    meta = start_result(out, "linprobe", ecfg, lcfg, info, data, code_files)
+    settings = f"linear probe {lcfg.epochs} ep{', augmented' if lcfg.augment else ''}"
+    meta = start_result(out, "linprobe", settings, ecfg, lcfg, info, data, code_files)
     device = common.pick_device(ecfg.device)
     model.to(device).requires_grad_(False)
     torch.manual_seed(ecfg.seed)
-    probe = linear_probe(info["dim"], len(train_set.classes)).to(device)
+    bn, head = nn.BatchNorm1d(info["dim"], affine=False, eps=1e-6), nn.Linear(info["dim"], len(train_set.classes))
+    probe = nn.Sequential(OrderedDict(bn=bn, head=init_head(head, 0.01))).to(device)  # official main_linprobe.py
     optimizer = torch.optim.SGD(probe.parameters(), lr=0.0, momentum=0.9, weight_decay=lcfg.weight_decay)
     steps = max(len(train_set) // lcfg.batch_size, 1)  # per epoch; the last partial batch is dropped, as official
     total, warmup = lcfg.epochs * steps, lcfg.warmup_epochs * steps
     peak_lr = lcfg.blr * min(lcfg.batch_size, len(train_set)) / 256
     order = torch.Generator().manual_seed(ecfg.seed)  # the order of the training features, every epoch
-
-    def features(split, train, bar=None, label="", epoch=0):  # augmented crops are seeded by (seed, epoch, index)
-        tf = data_sets.transform(data, info["config"].img_size, train)
-        return extract_features(
-            model, split, tf, lcfg.batch_size, ecfg.num_workers, device, bar, label, ecfg.seed, epoch
-        )
-
     with Progress(console=console, transient=True) as bar:
-        val_f, val_y = features(val_set, False, bar, "val features")
+        val_f, val_y = extract_features(model, val_set, data, lcfg.batch_size, ecfg, bar=bar, label="val")
         if not lcfg.augment:  # the cache: one pass over the training images, then only the head trains
-            train_f, train_y = features(train_set, False, bar, "train features")
+            train_f, train_y = extract_features(model, train_set, data, lcfg.batch_size, ecfg, bar=bar, label="train")
         task = bar.add_task("probe", total=lcfg.epochs)
         for epoch in range(lcfg.epochs):
             if lcfg.augment:  # new crops every epoch
-                train_f, train_y = features(train_set, True, epoch=epoch)
+                train_f, train_y = extract_features(model, train_set, data, lcfg.batch_size, ecfg, True, epoch)
             probe.train()
             batches = torch.randperm(len(train_f), generator=order)[: steps * lcfg.batch_size].view(steps, -1)
             for i, idx in enumerate(batches):
-                for group in optimizer.param_groups:
-                    group["lr"] = common.lr_at(epoch * steps + i, total, warmup, peak_lr, 0.0)
+                optimizer.param_groups[0]["lr"] = common.lr_at(epoch * steps + i, total, warmup, peak_lr, 0.0)
                 loss = F.cross_entropy(probe(train_f[idx].to(device)), train_y[idx].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            probe.eval()
             with torch.no_grad():
-                scores = torch.cat([probe(f.to(device)).cpu() for f in val_f.split(4096)])
+                scores = torch.cat([probe.eval()(f.to(device)).cpu() for f in val_f.split(4096)])
             top1, top5 = accuracy(scores, val_y)
-            row = {"epoch": epoch + 1, "train_loss": loss.item(), "top1": top1, "top5": top5}
             with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps({"epoch": epoch + 1, "train_loss": loss.item(), "top1": top1, "top5": top5}) + "\n")
             bar.update(task, advance=1, description=f"probe: top-1 {top1:.3f}")
     torch.save({"probe": probe.state_dict()}, out / "probe.pt")
-    return finish_result(out, meta, {"top1": top1, "top5": top5}, start, train_set, val_set), out
+    return finish_result(out, meta, {"top1": top1, "top5": top5}, start, train_set, val_set)
 
 
 def run_finetune(model, info, ecfg, fcfg, code_files, console):
-    """The MAE fine-tuning recipe on the encoder + a global-pool head; top-1 / top-5 after every epoch.
-    One process or many under torchrun (DDP; rank 0 writes the result folder); --resume continues it exactly."""
+    """The MAE fine-tuning recipe on the encoder + a global-pool head, top-1 / top-5 after every epoch; one process
+    or many under torchrun (rank 0 writes the result folder); --resume continues it exactly."""
     start = time.perf_counter()
     data, train_set, val_set = eval_datasets(ecfg, info)
     out = Path(ecfg.out or default_out(info, "finetune", ecfg, data))
     tcfg = train_config(fcfg, data=data, seed=ecfg.seed, num_workers=ecfg.num_workers, device=ecfg.device, out=str(out))
     rank, world, device = common.setup(tcfg)
     steps = common.epoch_steps(len(train_set), world, tcfg)  # before anything is written
-    options, ckpt = {**asdict(ecfg), **asdict(fcfg)}, None
-    if fcfg.resume:
-        ckpt = common.load_checkpoint(out / "checkpoint.pt")
-        if "optimizer" not in ckpt or "finetune" not in ckpt:
+    ckpt = common.load_checkpoint(out / "checkpoint.pt") if fcfg.resume else None
+    if ckpt is not None:  # the options it was started with, but those that do not change what it computes
+        if "finetune" not in ckpt:
             raise ValueError(f"{out / 'checkpoint.pt'} is not a fine-tuning checkpoint that can be continued")
-        saved = {**ckpt.get("eval", {}), **ckpt["finetune"]}
-        changed = [k for k, v in saved.items() if k not in common.RESUME_MAY_CHANGE and v != options.get(k, v)]
-        changed = ", ".join(f"--{k.replace('_', '-')} {saved[k]} there, {options[k]} here" for k in changed)
-        if changed:
+        options, saved = {**asdict(ecfg), **asdict(fcfg)}, {**ckpt["eval"], **ckpt["finetune"]}
+        differ = [k for k, v in saved.items() if k not in common.RESUME_MAY_CHANGE and v != options.get(k, v)]
+        if differ:
+            changed = ", ".join(f"--{k.replace('_', '-')} {saved[k]} there, {options[k]} here" for k in differ)
             raise ValueError(f"--resume continues {out} with the options it was started with; these differ: {changed}")
-    meta = start_result(out, "finetune", ecfg, fcfg, info, data, code_files, world, ckpt is None) if rank == 0 else None
+    settings = f"fine-tune {fcfg.epochs} ep"
+    meta = None  # rank 0 writes the result folder
+    if rank == 0:
+        meta = start_result(out, "finetune", settings, ecfg, fcfg, info, data, code_files, world, fresh=not ckpt)
     classes, img_size = len(train_set.classes), info["config"].img_size
     for name, p in model.named_parameters():  # train what the features use; decoders stay frozen and unused
         p.requires_grad_(name in info["needed"])
@@ -717,15 +661,11 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
     clf = Classifier(model, info["dim"], classes).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        for name, part in ckpt["head"].items():  # fc_norm, head
-            getattr(clf, name).load_state_dict(part)
+        clf.fc_norm.load_state_dict(ckpt["head"]["fc_norm"])
+        clf.head.load_state_dict(ckpt["head"]["head"])
     groups = layer_decay_groups(clf, fcfg.weight_decay, fcfg.layer_decay)
     opt = torch.optim.AdamW(groups, lr=0.0, fused=device.type == "cuda")  # betas (0.9, 0.999): official
-    ema = None
-    if fcfg.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(clf, multi_avg_fn=get_ema_multi_avg_fn(fcfg.ema), use_buffers=True)
+    ema = AveragedModel(clf, multi_avg_fn=get_ema_multi_avg_fn(fcfg.ema), use_buffers=True) if fcfg.ema else None
     train_tf, val_tf = finetune_transform(data, img_size, fcfg), data_sets.transform(data, img_size, False)
     dtype = common.autocast_dtype(fcfg.amp, device)
     loader = loader_for(train_set, train_tf, fcfg.batch_size, ecfg.num_workers, device, True, ecfg.seed, 0, rank, world)
@@ -739,12 +679,13 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
         metrics = evaluate_classifier(clf, val_loader, device, world, dtype)
         return {**metrics, **(evaluate_classifier(ema.module, val_loader, device, world, dtype, "ema_") if ema else {})}
 
+    saved = dict(method=info["method"], config=asdict(info["config"]), train=info["train"])
+    saved.update(code=info["ckpt"].get("code"), git=common.git_hash(), finetune=asdict(fcfg), eval=asdict(ecfg))
+
     def state():  # the encoder under its own names: the evaluations read it as they read a pre-training checkpoint
         heads = {k: getattr(clf, k).state_dict() for k in ("fc_norm", "head")}
         return {"model": model.state_dict(), "head": heads, **saved}
 
-    saved = dict(method=info["method"], config=asdict(info["config"]), train=info["train"])
-    saved.update(code=info["ckpt"].get("code"), git=common.git_hash(), finetune=asdict(fcfg), eval=asdict(ecfg))
     common.train(clf, opt, tcfg, loader, loss_of, evaluate, state, ckpt, ema, title="finetune")
     # the final weights' numbers: the last epoch's in the log, or, if --max-steps stopped the run inside an epoch,
     # computed now (on every process: the evaluation sums over them)
@@ -753,12 +694,11 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
         return None, out
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     final = final or {k: v for k, v in [r for r in rows if "top1" in r][-1].items() if k not in ("epoch", "elapsed_s")}
-    return finish_result(out, meta, final, start, train_set, val_set), out
+    return finish_result(out, meta, final, start, train_set, val_set)
 
 
 def run_visualize(model, info, ecfg, vcfg, sample_inputs, console):
-    """A PNG grid per image: original, masked input, reconstruction, reconstruction with the visible patches.
-    Returns the picture's path and (width, height)."""
+    """A PNG grid of the first images (see reconstructions); the picture's path and (width, height)."""
     data, dataset = eval_datasets(ecfg, info, (vcfg.split,))
     init = "-random-init" if ecfg.random_init else ""
     path = Path(ecfg.out or info["run_dir"] / f"reconstructions{init}-{data}-{vcfg.split}-s{ecfg.seed}.png")
