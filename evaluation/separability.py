@@ -13,6 +13,7 @@ the best linear map reaches R^2 = α² / (α² + (1 − α)²), 0.06 at α = 0.2
 """
 
 import dataclasses
+import functools
 import json
 
 import torch
@@ -57,10 +58,7 @@ def run(source, s, find_method, console):
     if ref and (ref.cfg.img_size, ref.cfg.patch_size) != (cfg.img_size, cfg.patch_size):
         raise ValueError(f"--reference {s.reference} has another image or patch size than {source}: its tokens differ")
     ref = ref and ref.forward_features
-
-    def pixels(imgs):  # the floor: raw normalised pixels as tokens, (B, C, H, W) -> (B, N, P*P*C)
-        return common.patchify(imgs, cfg.patch_size)
-
+    pixels = functools.partial(common.patchify, p=cfg.patch_size)  # the floor: pixels as tokens, (B, N, P*P*C)
     rows, score = measure(model.eval().forward_features, imgs, s.alpha_values, s.seed, s.batch_size, ref)
     pixel_rows, pixel_score = measure(pixels, imgs, s.alpha_values, s.seed, s.batch_size, ref or pixels)
     name = f"{info['method']} {'random init' if s.random_init else 'trained'}"
