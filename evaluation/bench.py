@@ -1,45 +1,102 @@
-"""What one training step of a model costs, measured: the plumbing behind `python cli.py bench METHOD`; each figure
-and how it is measured is in docs/costs.md. Nothing here knows which method it measures.
-
-A row is a model class, its Config and the method's optional `sample_inputs`. FLOPs come from torch.utils.flop_counter
-with two corrections: attention runs on the MATH backend while counting (the fused CPU kernel counts as zero), and the
-backward of a grouped convolution counts as twice its forward (torch counts its weight gradient `groups` times over).
-Step times come from rounds that time every row in turn, so a change in the machine's load hits every row alike; every
-figure is also a ratio to the first row's. `loader_throughput` (`--data`) times the pre-training loader alone.
-"""
+"""What one training step of a model costs, measured (`python cli.py bench METHOD`; every figure and how it is
+measured: docs/costs.md). Nothing here knows which method it measures. A row is a model class, its Config and the
+method's optional `sample_inputs`; every figure is also a ratio to the first row's."""
 
 import contextlib
+import dataclasses
+import functools
 import gc
 import inspect
 import itertools
+import json
 import statistics
 import time
 
 import torch
+from rich.markup import escape
 from rich.table import Column, Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import common
 import data_sets
 
-FIGURES = {  # key: (column title, format), in table order
-    "params_m": ("params (M)", "{:.2f}"),
-    "gflops_fwd": ("GFLOPs/img fwd", "{:.3g}"),
-    "gflops": ("GFLOPs/img fwd+bwd", "{:.3g}"),
-    "saved_mb": ("saved MB/step", "{:.1f}"),
-    "saved_mb_math": ("saved MB/step, math attn", "{:.1f}"),
-    "peak_gpu_mb": ("peak GPU MB", "{:.0f}"),
-    "step_ms": ("step ms (median)", "{:.1f}"),
-    "step_ms_min": ("step ms (min)", "{:.1f}"),
-    "inputs_ms": ("inputs ms/img (workers)", "{:.3f}"),
-}
+
+@dataclasses.dataclass
+class BenchConfig:
+    batch_size: int | None = None  # images per step for memory and time (None: 8; with --data: the preset's)
+    steps: int = 3  # timed steps per row and round; the median over all rounds is shown
+    warmup: int = 1  # untimed steps before them (with --data: untimed batches, at least 2 per worker)
+    rounds: int = 3  # rounds over all rows, so load changes on the machine hit every row alike
+    compare: str = ""  # a base method measured first, every figure a ratio to it: a built-in name or a method file
+    variants: bool = True  # also the rows of the method's BENCH_VARIANTS
+    json: bool = False  # print JSON instead of a table
+    device: str = "auto"  # auto (GPU if there is one) | cpu | cuda | cuda:N
+    data: str = ""  # measure the images/s of the pre-training data loader alone on this data set instead
+    data_dir: str = "data"  # with --data: where data sets live
+    num_workers: int | None = None  # with --data: data-loading processes (None: the preset's)
+    batches: int = 50  # with --data: timed batches
+
+    def __post_init__(self):  # None: the default (with --data, TrainConfig checks the preset's batch and workers)
+        given = " batch_size" if self.batch_size is not None else ""
+        common.check_options(self, "steps rounds batches" + given, "warmup")
+
+
+FIGURES = {"params_m": ("params (M)", "{:.2f}"), "gflops_fwd": ("GFLOPs/img fwd", "{:.3g}")}  # key: (title, format)
+FIGURES |= {"gflops": ("GFLOPs/img fwd+bwd", "{:.3g}"), "saved_mb": ("saved MB/step", "{:.1f}")}
+FIGURES |= {"saved_mb_math": ("saved MB/step, math attn", "{:.1f}"), "peak_gpu_mb": ("peak GPU MB", "{:.0f}")}
+FIGURES |= {"step_ms": ("step ms (median)", "{:.1f}"), "step_ms_min": ("step ms (min)", "{:.1f}")}
+FIGURES |= {"inputs_ms": ("inputs ms/img (workers)", "{:.3f}")}
+LOADER_COLUMNS = {"data": "{data}", "px": "{img_size}", "batch": "{batch_size}", "workers": "{num_workers}"}
+LOADER_COLUMNS |= {"timed batches": "{batches}", "ms/batch": "{ms_per_batch:.1f}", "img/s": "{images_per_s:.0f}"}
+
+
+def main(b, name, module, model_cls, configs, find_method, console, err_console):
+    """The bench command: rows of the --compare base, the method and its BENCH_VARIANTS (or with --data the loader),
+    printed as a table or JSON. configs(module, overrides) -> (Config, TrainConfig) with the options given."""
+    device, log = common.pick_device(b.device), (err_console if b.json else console).print
+    if b.data:  # the loader alone, with the preset's batch size and workers unless given
+        loader = {"data": b.data, "data_dir": b.data_dir, "num_workers": b.num_workers, "batch_size": b.batch_size}
+        cfg, tcfg = configs(module, {k: v for k, v in loader.items() if v is not None})
+        train_set = data_sets.load_dataset(tcfg.data, "train", tcfg.data_dir, tcfg.train_size, cfg.img_size)
+        inputs = functools.partial(module.sample_inputs, cfg) if hasattr(module, "sample_inputs") else None
+        result = {"method": name} | loader_throughput(train_set, cfg, tcfg, inputs, b.batches, b.warmup, device)
+        title = f"{name}'s pre-training data loader alone: {result['images']} images, augmentation + sample_inputs"
+        title += f" in the workers, {result['warmup_batches']} batches untimed first"
+        table = Table(*(Column(k, justify="right") for k in LOADER_COLUMNS), title=title, title_justify="left")
+        table.add_row(*(cell.format(**result) for cell in LOADER_COLUMNS.values()))
+    else:
+        variants = getattr(module, "BENCH_VARIANTS", {}) if b.variants else {}
+        wanted = [(*find_method(b.compare, "--compare"), {})] if b.compare else []
+        wanted += [(f"{name}: {k}" if k else name, module, model_cls, v) for k, v in {"": {}, **variants}.items()]
+        rows = []
+        for label, method, cls, overrides in wanted:
+            try:
+                rows.append((label, cls, configs(method, overrides)[0], getattr(method, "sample_inputs", None)))
+            except ValueError as e:
+                if not overrides:
+                    raise
+                log(f"[dim]skipped {escape(label)}: {escape(str(e))}[/]")
+        batch_size, cfg = 8 if b.batch_size is None else b.batch_size, rows[-1][2]
+        result = run(rows, batch_size, b.steps, b.warmup, b.rounds, device, log)
+        title = f"{cfg.img_size} px, patch {cfg.patch_size}, batch {batch_size}, {device}, "
+        title += f"{torch.get_num_threads()} threads; ratios to the first row, measured in this run"
+        shown = [k for k in FIGURES if any(r[k] is not None for r in result)]  # no GPU column on a CPU
+        columns = [Column(FIGURES[k][0], justify="right") for k in shown]
+        table = Table("row", *columns, title=title, title_justify="left")
+        for i, row in enumerate(result):
+            cells = ["-" if row[k] is None else FIGURES[k][1].format(row[k]) for k in shown]
+            ratios = ["" if i == 0 or row["ratio"][k] is None else f" ({row['ratio'][k]:.2f}x)" for k in shown]
+            table.add_row(row["name"], *(cell + ratio for cell, ratio in zip(cells, ratios)))
+    if b.json:
+        return print(json.dumps(result, indent=2))
+    console.print(table)
 
 
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, *args, **kwargs):
     """Each gradient of a convolution (input, weight) costs its forward's multiply-adds (torch's formula counts the
-    weight gradient of a grouped convolution `groups` times over). args: convolution_backward's bias sizes, stride,
-    padding, dilation, transposed, output padding, groups, output mask."""
+    weight gradient of a grouped convolution `groups` times over). args: convolution_backward's after the weight's."""
     transposed, output_mask = args[4], args[7]
     return flop_counter.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed) * sum(map(int, output_mask[:2]))
 
@@ -61,7 +118,8 @@ class OpFlops(TorchDispatchMode):
 
 
 def count_flops(model, imgs, inputs):
-    """(forward, forward + backward) FLOPs of one step on `imgs`, attention on the MATH backend."""
+    """(forward, forward + backward) FLOPs of one step on `imgs`, attention on the MATH backend (torch counts the
+    fused CPU kernel as zero), grouped convolutions by conv_backward_flops."""
     with sdpa_kernel(SDPBackend.MATH):
         with OpFlops() as forward:
             loss = model(imgs, **inputs)[0]
@@ -87,25 +145,6 @@ def saved_bytes(model, imgs, inputs, math_attention=False):
     return sum(storages.values())
 
 
-def step_times(model, imgs, inputs, steps, warmup, device):
-    """Seconds of each of `steps` training steps (forward, backward, AdamW) after `warmup` untimed ones, and the peak
-    GPU memory of the timed steps (None on CPU)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    cuda, times = device.type == "cuda", []
-    sync = torch.cuda.synchronize if cuda else lambda device: None
-    for i in range(warmup + steps):
-        if i == warmup and cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        sync(device)
-        tick = time.perf_counter()
-        model(imgs, **inputs)[0].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - tick)
-    return times[warmup:], torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-
-
 def make_inputs(cfg, sample_inputs, batch_size, seed=0, timed_calls=64):
     """The collated per-sample inputs of a batch, and the median milliseconds of one sample_inputs call on one thread,
     as in a data worker (the median: a call the operating system preempts does not count)."""
@@ -123,80 +162,66 @@ def make_inputs(cfg, sample_inputs, batch_size, seed=0, timed_calls=64):
 
 
 def measure(model_cls, cfg, sample_inputs, batch_size, steps, warmup, device, static=True, seed=0):
-    """The figures of one model (only the step times unless `static`); it is built (seeded) here and freed after, so
-    one model at a time is in memory."""
+    """The figures of one model, built (seeded) here: "times", the seconds of `steps` training steps (forward,
+    backward, AdamW) after `warmup` untimed ones, and if `static` the others."""
     torch.manual_seed(seed)
-    model = model_cls(cfg).to(device).train()
-    shape = (batch_size, cfg.in_chans, cfg.img_size, cfg.img_size)
-    imgs = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    model, cuda = model_cls(cfg).to(device).train(), device.type == "cuda"
+    imgs = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size)
     inputs, inputs_ms = make_inputs(cfg, sample_inputs, batch_size, seed)
     if "labels" in inspect.signature(model.forward).parameters:
         inputs["labels"] = torch.arange(batch_size)
-    imgs, inputs, row = imgs.to(device), {k: v.to(device) for k, v in inputs.items()}, {}
+    imgs, inputs, row = imgs.to(device), {k: v.to(device) for k, v in inputs.items()}, {"times": []}
     if static:
         few = min(batch_size, 2)  # FLOPs are per image: counted on two images, not on the whole batch
         fwd, total = count_flops(model, imgs[:few], {k: v[:few] for k, v in inputs.items()})
-        row = {"params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, "inputs_ms": inputs_ms}
-        row.update(gflops_fwd=fwd / few / 1e9, gflops=total / few / 1e9)
-        row.update(saved_mb=saved_bytes(model, imgs, inputs) / 2**20)
-        row.update(saved_mb_math=saved_bytes(model, imgs, inputs, math_attention=True) / 2**20)
-    row["times"], peak = step_times(model, imgs, inputs, steps, warmup, device)
-    if static:
-        row["peak_gpu_mb"] = peak
-    del model, imgs, inputs
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        row |= dict(params_m=params, inputs_ms=inputs_ms, gflops_fwd=fwd / few / 1e9, gflops=total / few / 1e9)
+        row |= dict(saved_mb=saved_bytes(model, imgs, inputs) / 2**20, peak_gpu_mb=None)
+        row["saved_mb_math"] = saved_bytes(model, imgs, inputs, math_attention=True) / 2**20
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    sync = torch.cuda.synchronize if cuda else lambda device: None
+    for i in range(warmup + steps):
+        if i == warmup and cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        tick = time.perf_counter()
+        model(imgs, **inputs)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        row["times"] += [time.perf_counter() - tick] if i >= warmup else []
+    if static and cuda:
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
 
 
 def run(rows, batch_size=8, steps=3, warmup=1, rounds=3, device="cpu", log=print):
     """rows: [(name, model class, Config, sample_inputs or None)] -> one dict per row with every figure and `ratio`,
     each figure over the first row's. The step times come from `rounds` rounds that each time every row in turn."""
-    if batch_size < 1 or steps < 1 or warmup < 0 or rounds < 1:
-        raise ValueError(
-            f"--batch-size, --steps and --rounds must be at least 1 and --warmup not negative, "
-            f"got {batch_size}, {steps}, {rounds}, {warmup}"
-        )
     device, results = torch.device(device), [{"name": name, "times": []} for name, *_ in rows]
     for r in range(rounds):
-        for result, (name, model_cls, cfg, sample_inputs) in zip(results, rows):
+        for result, (name, *row) in zip(results, rows):
             log(f"round {r + 1}/{rounds}: {name}")
-            row = measure(model_cls, cfg, sample_inputs, batch_size, steps, warmup, device, static=r == 0)
-            result.update(row, times=result["times"] + row["times"])
-    for result in results:
-        times = result.pop("times")
-        result.update(step_ms=statistics.median(times) * 1e3, step_ms_min=min(times) * 1e3)
-    base = results[0]
+            figures = measure(*row, batch_size, steps, warmup, device, static=r == 0)
+            result["times"] += figures.pop("times")
+            result.update(figures)
+            gc.collect()  # the model is freed before the next one is built
     for row in results:
-        row["ratio"] = {k: row[k] / base[k] if row[k] is not None and base[k] else None for k in FIGURES}
+        times = row.pop("times")
+        row.update(step_ms=statistics.median(times) * 1e3, step_ms_min=min(times) * 1e3)
+        row["ratio"] = {k: row[k] / results[0][k] if row[k] is not None and results[0][k] else None for k in FIGURES}
     return results
 
 
-def table(results, title=""):
-    """A rich Table of `run`'s results: each figure with its ratio to the first row (no GPU column on a CPU)."""
-    shown = [k for k in FIGURES if any(r[k] is not None for r in results)]
-    out = Table("row", *(Column(FIGURES[k][0], justify="right") for k in shown), title=title, title_justify="left")
-    for i, row in enumerate(results):
-        cells = ["-" if row[k] is None else FIGURES[k][1].format(row[k]) for k in shown]
-        ratios = ["" if i == 0 or row["ratio"][k] is None else f" ({row['ratio'][k]:.2f}x)" for k in shown]
-        out.add_row(row["name"], *(cell + ratio for cell, ratio in zip(cells, ratios)))
-    return out
-
-
-def loader_throughput(train_set, data, img_size, sample_inputs, batch_size, batches, warmup, workers, device, seed=0):
-    """Images per second of the pre-training loader over `train_set` alone (data_sets.pretrain_loader, the one
-    common.train uses), timed over `batches` batches after `warmup` untimed ones (worker start-up, the first
-    prefetched batches); epochs follow one another as in training when the data set is shorter."""
-    if batch_size < 1 or batches < 1 or warmup < 0 or workers < 0:
-        raise ValueError(
-            f"--batch-size and --batches must be at least 1, --warmup and --num-workers not negative, "
-            f"got {batch_size}, {batches}, {warmup}, {workers}"
-        )
-    settings = (seed, batch_size, workers, torch.device(device))
-    loader, sampler = data_sets.pretrain_loader(train_set, data, img_size, sample_inputs, *settings)
+def loader_throughput(train_set, cfg, tcfg, sample_inputs, batches, warmup, device):
+    """Images per second of the pre-training loader over `train_set` alone (data_sets.pretrain_loader, as in training:
+    cfg's image size, tcfg's batch size, workers and seed) over `batches` batches after `warmup` untimed ones, at least
+    2 per worker (worker start-up, the first prefetched batches); epochs follow one another."""
+    warmup = max(warmup, 2 * tcfg.num_workers)
+    settings = (tcfg.seed, tcfg.batch_size, tcfg.num_workers, torch.device(device))
+    loader, sampler = data_sets.pretrain_loader(train_set, tcfg.data, cfg.img_size, sample_inputs, *settings)
     if len(loader) == 0:
-        raise ValueError(f"{len(train_set)} images are fewer than one batch of {batch_size}: lower --batch-size")
+        raise ValueError(f"{len(train_set)} images are fewer than one batch of {tcfg.batch_size}: lower --batch-size")
 
     def forever():
         for epoch in itertools.count():
@@ -210,16 +235,6 @@ def loader_throughput(train_set, data, img_size, sample_inputs, batch_size, batc
     images = sum(len(next(stream)[0]) for _ in range(batches))
     seconds = time.perf_counter() - tick
     stream.close()  # ends the epoch's iterator, so the workers shut down
-    result = dict(images_per_s=images / seconds, ms_per_batch=seconds / batches * 1e3, seconds=seconds, batches=batches)
-    return result | dict(warmup_batches=warmup, batch_size=batch_size, num_workers=workers, images=len(train_set))
-
-
-LOADER_COLUMNS = {"data": "{data}", "px": "{img_size}", "batch": "{batch_size}", "workers": "{num_workers}"}
-LOADER_COLUMNS |= {"timed batches": "{batches}", "ms/batch": "{ms_per_batch:.1f}", "img/s": "{images_per_s:.0f}"}
-
-
-def loader_table(result, title=""):
-    """A one-row rich Table of loader_throughput's result, with the data set and image size added."""
-    out = Table(*(Column(k, justify="right") for k in LOADER_COLUMNS), title=title, title_justify="left")
-    out.add_row(*(cell.format(**result) for cell in LOADER_COLUMNS.values()))
-    return out
+    result = dict(data=tcfg.data, img_size=cfg.img_size, batch_size=tcfg.batch_size, num_workers=tcfg.num_workers)
+    result |= dict(images=len(train_set), warmup_batches=warmup, batches=batches, seconds=seconds)
+    return result | dict(images_per_s=images / seconds, ms_per_batch=seconds / batches * 1e3)

@@ -4,7 +4,7 @@
 # random-init encoder of the same architecture with knn and linprobe, then print the table.
 #
 #   bash experiments/cpu_results.sh METHOD [OUT]      # e.g. mae; OUT defaults to runs/results
-#   python cli.py results OUT --readme README.md   # then put the rows into the README's table
+#   python experiments/results.py OUT --readme README.md   # then put the rows into the README's table
 #
 # An interrupted run is continued (--resume) when the script is started again; a finished one is kept.
 set -euo pipefail
@@ -27,4 +27,4 @@ for data in ${DATASETS:-shapes fashion-mnist}; do  # DATASETS="shapes" bash ... 
     done
   done
 done
-python cli.py results "$out"
+python experiments/results.py "$out"

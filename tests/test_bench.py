@@ -146,7 +146,7 @@ def test_cli_bench_table_skips_impossible_variants_and_refuses_bad_options():
     assert "GFLOPs/img fwd+bwd" in result.stdout and "simmim" in result.stdout
     assert "skipped pr-mim: throw 0.65" in result.stdout  # above the mask ratio 0.6
     with pytest.raises(ValueError, match="--steps"):
-        bench.run([], steps=0)
+        bench.BenchConfig(steps=0)
 
 
 def test_cli_bench_data_measures_the_loader_alone():
@@ -213,9 +213,8 @@ def test_loader_throughput_times_the_pretraining_loaders_batches_after_the_warmu
         return Slowed(loader), sampler
 
     monkeypatch.setattr(data_sets, "pretrain_loader", slowed_pretrain_loader)
-    result = bench.loader_throughput(
-        train_set, "shapes", cfg.img_size, lambda g: mae.sample_inputs(cfg, g), 32, timed, warmup, 0, "cpu"
-    )
+    tcfg = common.TrainConfig(data="shapes", batch_size=32, num_workers=0)
+    result = bench.loader_throughput(train_set, cfg, tcfg, lambda g: mae.sample_inputs(cfg, g), timed, warmup, "cpu")
     assert len(pulled) == warmup + timed  # exactly the warm-up and the timed batches were drawn
     expected = timed * 32 / sum(seconds for _, seconds in pulled[warmup:])
     assert expected / 1.25 < result["images_per_s"] <= expected * 1.001, (result, expected)

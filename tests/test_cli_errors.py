@@ -127,9 +127,6 @@ CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: 
         "--batches must be at least 1",
         2,
     ),
-    # results
-    ("results-no-results", ("results", "{empty}"), "no result.json under", 2),
-    ("results-missing-folder", ("results", "{missing}"), "does not exist", 2),
 ]
 PREPARED = ("run", "truncated_run", "truncated", "text", "empty")  # copied into a case's folder when it names them
 
@@ -188,6 +185,22 @@ def test_bad_input(outcomes, case_id, args, message, code):
     assert lines and message in lines[-1], r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     assert after == before  # nothing written, changed or removed
+
+
+def test_results_table_tool_gives_one_line_errors(tmp_path):
+    """experiments/results.py, the maintainer's tool behind the README's table: bad folders exit 2 with one line."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "empty").mkdir()
+    for folder, message in (("empty", "no result.json under"), ("missing", "does not exist")):
+        args = [sys.executable, str(ROOT / "experiments" / "results.py"), str(tmp_path / folder)]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2 and lines and message in lines[-1], r.stderr
+        assert "Traceback" not in r.stdout + r.stderr
 
 
 def test_load_checkpoint_names_what_is_wrong(tmp_path):

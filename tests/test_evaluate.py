@@ -4,17 +4,20 @@ import argparse
 import json
 import math
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ForkedCli, run_cli
+from conftest import ROOT, ForkedCli, run_cli
 
 import cli
 import common
 import data_sets
 import mae
-from evaluation import evaluate, results
+from evaluation import evaluate
+from experiments import results
 
 TINY = {k: v for k, v in common.PRESETS["tiny"].items() if k in mae.Config.__dataclass_fields__}
 FAST = ["--train-size", "64", "--val-size", "32", "--num-workers", "0"]
@@ -502,8 +505,10 @@ def test_results_table_and_readme(tmp_path):
     assert "| simmim |" not in readme.read_text()
 
 
-def test_results_cli_reads_result_folders(knn_results, tmp_path, cli_run):
-    r = cli_run("results", knn_results)
+def test_results_tool_reads_result_folders(knn_results, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "experiments/results.py", knn_results], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("knn-shapes-s0", "knn-random-init-shapes-s1"):  # one row: the trained number beside its floor
         top1 = json.loads((knn_results / name / "result.json").read_text())["metrics"]["top1"]

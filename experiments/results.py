@@ -1,17 +1,18 @@
-"""The README's results table, rebuilt from result folders, so no number in it is typed by hand.
+"""The README's results table, rebuilt from result folders, so no number in it is typed by hand (a maintainer's tool).
 
-    python cli.py results runs/results                      # print the table
-    python cli.py results runs/results --readme README.md   # put it in README.md, between the markers
+    python experiments/results.py runs/results                      # print the table
+    python experiments/results.py runs/results --readme README.md   # put it in README.md, between the markers
 
 One row per (method, data, encoder, pre-training, evaluation): the mean ± std top-1 over the seeds found, beside the
 random-init floor; rows that the given folders do not rebuild are kept unless --fresh (docs/evaluation.md).
 """
 
+import argparse
 import json
 import statistics
 from pathlib import Path
 
-BEGIN = "<!-- results table: begin (built by `python cli.py results DIRS --readme README.md`; do not edit) -->"
+BEGIN = "<!-- results table: begin (built by `python experiments/results.py DIRS --readme README.md`; do not edit) -->"
 END = "<!-- results table: end -->"
 COLUMNS = ["method", "data", "encoder", "pre-training", "evaluation", "top-1 (%)", "random init (%)", "seeds"]
 COLUMNS += ["pre-train time", "eval time", "machine"]
@@ -94,3 +95,23 @@ def update_readme(path, results, fresh=False):
         {} if fresh else {tuple(c.strip() for c in line.strip("|").split(" | ")[:KEY_COLUMNS]): line for line in lines}
     )
     path.write_text(f"{head}{BEGIN}\n{table(results, keep)}\n{END}{tail}")
+
+
+def main(args=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="*", default=["runs"], help="folders that hold result folders (default: runs)")
+    parser.add_argument("--readme", default="", help="rewrite the results table in this file (between its markers)")
+    parser.add_argument("--fresh", action="store_true", help="drop the table's rows that the folders do not rebuild")
+    args = parser.parse_args(args)
+    try:
+        rows = collect(args.folders)
+        if args.readme:
+            update_readme(args.readme, rows, args.fresh)
+            return print(f"updated {args.readme} from {len(rows)} result(s)")
+    except ValueError as e:
+        parser.error(str(e))  # one line, exit 2
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
