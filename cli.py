@@ -1,16 +1,13 @@
 """The one command line of the project.
 
     python cli.py pretrain mae --preset cifar       # presets: tiny, cpu (the default), cifar, tiny-imagenet, imagenet
-    python cli.py pretrain mae --help               # every field of mae.Config and common.TrainConfig is an option
     python cli.py pretrain my_idea.py --my-knob 1   # a fork, e.g. an edited copy of mae.py; or `python my_idea.py`
     python cli.py knn runs/NAME                     # also linprobe, finetune, visualize, separability, export
     python cli.py bench pr-mim --compare mae        # parameters, FLOPs, memory and time of a step (--data: the loader)
 
-Every option is a field of a dataclass (a method's Config, common.TrainConfig, one per command), written once with
-its default; the comment beside it is its --help text. Values: the default < --preset < --model < the options given.
-A method is a built-in name (METHODS) or a method file anywhere: a dataclass Config and one nn.Module class with
-forward_features (the most derived of several), the model (the contract and the optional hooks: docs/design.md).
-A run records its method and carries its code, from which the evaluation commands rebuild a fork's model.
+Every option is a dataclass field (a method's Config, common.TrainConfig, one per command), its comment the --help
+text. Values: the default < --preset < --model < the options given. A method is a built-in name or a method file
+(the contract: docs/design.md); a run carries its code, from which the evaluation commands rebuild a fork's model.
 """
 
 import ast
@@ -19,9 +16,7 @@ import functools
 import inspect
 import sys
 import tokenize
-import types
 import typing
-from datetime import datetime
 from pathlib import Path
 
 import click
@@ -41,33 +36,8 @@ import simmim
 from evaluation import evaluate
 
 console, err_console = Console(), Console(stderr=True)
-
-
-def model_class(module):
-    """A method file's model: its nn.Module class with a forward_features method (of several, the most derived)."""
-    found = [c for c in vars(module).values() if isinstance(c, type) and c.__module__ == module.__name__]
-    found = [c for c in found if issubclass(c, common.torch.nn.Module) and hasattr(c, "forward_features")]
-    found = [c for c in found if not any(issubclass(d, c) for d in found if d is not c)]
-    if len(found) != 1 or not dataclasses.is_dataclass(getattr(module, "Config", None)):
-        raise ValueError(f"{module.__file__} needs a dataclass Config and one model class with forward_features")
-    return found[0]
-
-
 MODULES = {"mae": mae, "simmim": simmim, "pr-mim": pr_mim, "i-mae": imae, "revcolv2": revcolv2}
-METHODS = {name: (module, model_class(module)) for name, module in MODULES.items()}  # name: (file, model class)
-
-
-def load_method(name, source, filename):
-    """(module, model class) of a method file's source, run as the module `name` and kept in sys.modules, where
-    data-loading workers find its functions."""
-    if name not in sys.modules and name not in METHODS:
-        code = compile(source, filename, "exec")  # a SyntaxError: bad input, for main
-        module = sys.modules[name] = types.ModuleType(name)
-        module.__file__, module.__source__ = filename, source
-        exec(code, vars(module))
-    if getattr(sys.modules.get(name), "__source__", None) != source:
-        raise ValueError(f"{filename}: the name {name!r} is taken by a method or a module: rename the file")
-    return sys.modules[name], model_class(sys.modules[name])
+METHODS = {name: (module, evaluate.model_class(module)) for name, module in MODULES.items()}  # (file, model)
 
 
 def find_method(name_or_path, what="method"):
@@ -79,7 +49,7 @@ def find_method(name_or_path, what="method"):
         return name, *METHODS[name]
     if path.suffix != ".py" or not path.is_file():
         raise ValueError(f"unknown {what} {name!r}: choose one of {', '.join(METHODS)}, or a method file")
-    return path.stem, *load_method(path.stem, path.read_text(), str(path))
+    return path.stem, *evaluate.load_method(path.stem, path.read_text(), str(path))
 
 
 def method_of(name, ckpt):
@@ -87,7 +57,7 @@ def method_of(name, ckpt):
     source = (ckpt.get("code") or {}).get(f"{name}.py")
     if name not in METHODS and source is None:
         raise ValueError(f"the checkpoint's method {name!r} is none of {', '.join(METHODS)} and its code is missing")
-    return METHODS[name] if name in METHODS else load_method(name, source, f"{name}.py")
+    return METHODS[name] if name in METHODS else evaluate.load_method(name, source, f"{name}.py")
 
 
 def bound_inputs(module, cfg):
@@ -164,17 +134,15 @@ class Scale:  # options of pretrain and bench
 POSITIVE_SIZES = {"img_size", "patch_size", "embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads"}
 
 
-def resolve(module, preset, model, given):
-    """Config and TrainConfig from: the dataclass defaults < the preset < the model size < the options."""
+def resolve(module, preset, model, given, overrides=None):
+    """Config and TrainConfig from: the dataclass defaults < the preset < the model size < the options < overrides."""
     if preset not in common.PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(common.PRESETS)}")
     if model and model not in common.VIT_SIZES:
         raise ValueError(f"unknown model size {model!r}: choose one of {', '.join(common.VIT_SIZES)}")
-    values = {**common.PRESETS[preset], **common.VIT_SIZES.get(model, {}), **given}
+    values = {**common.PRESETS[preset], **common.VIT_SIZES.get(model, {}), **given, **(overrides or {})}
     tcfg = build(common.TrainConfig, values)
-    if tcfg.data not in data_sets.DATASETS:
-        raise ValueError(f"unknown data set {tcfg.data!r}: choose one of {', '.join(data_sets.DATASETS)}")
-    channels = data_sets.DATASETS[tcfg.data][0]
+    channels = data_sets.channels(tcfg.data)
     if values.setdefault("in_chans", channels) != channels:
         mismatch = f"--in-chans {values['in_chans']} does not match {tcfg.data}, which has {channels} channel(s)"
         raise ValueError(f"{mismatch}: drop --in-chans, it is set from the data")
@@ -185,30 +153,6 @@ def resolve(module, preset, model, given):
         if name in POSITIVE_SIZES and value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
     return build(module.Config, values), tcfg
-
-
-def prepare_out(method, module, cfg, tcfg, given):
-    """(Config, TrainConfig) of the run folder: refuse to mix two runs in one; on --resume, the saved configs."""
-    if not tcfg.out and tcfg.resume:
-        raise ValueError("--resume needs --out, the folder of the run to continue")
-    out = Path(tcfg.out or f"runs/{method}-{tcfg.data}-{datetime.now():%Y%m%d-%H%M%S}")
-    tcfg.out = str(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a run folder: pass a folder")
-    if not tcfg.resume:
-        if ((out / "checkpoint.pt").exists() or (out / "log.jsonl").exists()) and not tcfg.overwrite:
-            raise ValueError(f"{out} already holds a run: pass --resume to continue it, --overwrite, or another --out")
-        return cfg, tcfg
-    ckpt = common.load_checkpoint(out / "checkpoint.pt")
-    if ckpt.get("method") != method:
-        raise ValueError(f"{out} holds a {ckpt.get('method')!r} run, not {method!r}")
-    saved = {**ckpt["config"], **ckpt["train"]}
-    changed = [k for k in sorted(given) if k not in common.RESUME_MAY_CHANGE and saved.get(k) != given[k]]
-    if changed:
-        drop = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise ValueError(f"--resume continues {out} with its saved settings; drop {drop}")
-    train = {**ckpt["train"], **{k: v for k, v in given.items() if k in common.RESUME_MAY_CHANGE}}
-    return module.Config(**ckpt["config"]), common.TrainConfig(**train)  # --resume: exactly the saved run
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,27 +195,23 @@ def pretrain(ctx: typer.Context):
     """Pre-train NAME_OR_PATH: mae, simmim, pr-mim, i-mae, revcolv2 or a method file; `--help` after it lists the
     options."""
     name, module, model_cls, scale, given = method_args(ctx, [common.TrainConfig])
-    cfg, tcfg = prepare_out(name, module, *resolve(module, scale.preset, scale.model, given), given)
-    train_set = data_sets.load_dataset(tcfg.data, "train", tcfg.data_dir, tcfg.train_size, cfg.img_size, tcfg.download)
-    val_set = data_sets.load_dataset(tcfg.data, "val", tcfg.data_dir, tcfg.val_size, cfg.img_size, tcfg.download)
+    cfg, tcfg = common.prepare_run(name, *resolve(module, scale.preset, scale.model, given), given)
+    rank, world, device = common.setup(tcfg)
     common.torch.manual_seed(tcfg.seed)
-    net, sample_inputs, rank = model_cls(cfg), bound_inputs(module, cfg), common.distributed()[0]
+    net, sample_inputs = model_cls(cfg), bound_inputs(module, cfg)
     if hasattr(net, "prepare_pretrain"):  # e.g. i-MAE loads its frozen teacher; evaluation never calls it
         net.prepare_pretrain(console.print if rank == 0 else (lambda *a, **k: None), resume=tcfg.resume)
+    loader, val_loader = data_sets.pretrain_loaders(tcfg, cfg.img_size, sample_inputs, device, rank, world)
 
     def picture(model, path, title):  # --vis-every: reconstructions of the first held-out images; path on rank 0
-        columns, note = evaluate.reconstructions(model, val_set, tcfg.data, cfg.img_size, sample_inputs, seed=tcfg.seed)
+        val_set, seed = val_loader.dataset.base, tcfg.seed
+        columns, note = evaluate.reconstructions(model, val_set, tcfg.data, cfg.img_size, sample_inputs, seed=seed)
         if path:
-            evaluate.save_grid(columns, path, f"{title} {note}; masks seed {tcfg.seed}")
+            evaluate.save_grid(columns, path, f"{title} {note}; masks seed {seed}")
 
-    code = [module.__file__, common.__file__]
-    try:
-        rank, world, device = common.setup(tcfg)
-        loaders = data_sets.pretrain_loaders(
-            train_set, val_set, tcfg.data, cfg.img_size, sample_inputs, tcfg, device, rank, world
-        )
-        out = common.pretrain(net, cfg, tcfg, *loaders, name, code, picture)
-    except ValueError as e:  # found in training (e.g. too few images for a step): exit 1, as a diverged run
+    try:  # an error found in training (e.g. too few images for a step) exits 1, as a diverged run
+        out = common.pretrain(net, cfg, tcfg, loader, val_loader, name, [module.__file__, common.__file__], picture)
+    except ValueError as e:
         raise typer.Exit(error(str(e), 1)) from None
     if rank == 0:
         console.print(f"done: log {out / 'log.jsonl'}, checkpoint {out / 'checkpoint.pt'}")
@@ -282,11 +222,8 @@ def bench(ctx: typer.Context):
     """Measure the costs of a training step of NAME_OR_PATH; rows: the --compare base, the method, its
     BENCH_VARIANTS. With --data: the images/s of its pre-training data loader alone."""
     name, module, model_cls, scale, given = method_args(ctx, [evaluation.bench.BenchConfig])
-    own = {k: v for k, v in given.items() if k in module.Config.__dataclass_fields__}
-
-    def configs(method, overrides):  # Config and TrainConfig of a method: the options given, then `overrides`
-        return resolve(method, scale.preset, scale.model, {**own, **overrides})
-
+    own = {k: v for k, v in given.items() if k in module.Config.__dataclass_fields__}  # the Config's options
+    configs = functools.partial(resolve, preset=scale.preset, model=scale.model, given=own)
     b = build(evaluation.bench.BenchConfig, given)
     evaluation.bench.main(b, name, module, model_cls, configs, find_method, console, err_console)
 

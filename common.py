@@ -21,7 +21,6 @@ import signal
 import subprocess
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,8 +31,7 @@ from einops import rearrange
 from torchvision.ops import StochasticDepth
 
 # ----------------------------------------------------------------------------------------------------
-# ViT pieces. State-dict names follow timm's VisionTransformer, which the official MAE code builds on,
-# so official checkpoints load into our models and our encoders load into timm.
+# ViT pieces under timm's VisionTransformer names, as the official MAE code: official checkpoints load, ours go to timm
 
 
 class PatchEmbed(nn.Module):
@@ -45,16 +43,14 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}: fix --img-size")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.grid_size = img_size // patch_size
-        self.num_patches = self.grid_size**2
+        self.num_patches = self.grid_size**2  # N
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
         expected = (self.in_chans, self.img_size, self.img_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"expected images of shape (B, {', '.join(map(str, expected))}), "
-                f"got {tuple(x.shape)}: resize the data or change --img-size / --in-chans"
-            )
+            shape = f"(B, {', '.join(map(str, expected))})"
+            raise ValueError(f"expected images of shape {shape}, got {tuple(x.shape)}: resize them or fix --img-size")
         return rearrange(self.proj(x), "b d h w -> b (h w) d")  # (B, N, D)
 
 
@@ -137,8 +133,7 @@ def init_weights(model):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model sizes and presets. A preset sets the scale of a run (image size, widths, batch, epochs) in one
-# place (a table, kept unformatted); a method's Config and common.TrainConfig hold everything else.
+# Model sizes, and presets: the scale of a run (image size, widths, batch, epochs); Configs hold everything else
 
 MAE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)  # the official one, 512-d x 8
 VIT_SIZES = {  # ViT-Ti/S (DeiT), ViT-B/L/H (ViT paper), each with the official MAE decoder
@@ -178,18 +173,9 @@ PRESETS = {
 # Devices, processes, checkpoints
 
 
-def distributed():
-    """(rank, world size, local rank) from torchrun's environment, joining the process group once."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0))
-
-
 def gather_batch(*tensors):
-    """Each (B_r, ...) tensor of every process r concatenated in rank order, and the index of this process's first
-    row: for a method whose samples interact across the batch, so N processes compute what one would. The B_r may
-    differ (the held-out set's last batch). One process: the tensors as they are, and 0. No gradient flows back."""
+    """Each (B_r, ...) tensor of every process r concatenated in rank order (the B_r may differ), and the index of this
+    process's first row, so N processes mix a batch as one would; one process: the tensors and 0. No gradients."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return (*tensors, 0)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -235,8 +221,7 @@ def git_hash():
 
 
 def save_checkpoint(obj, path):
-    """Write atomically: a temporary file, flushed to disk, then renamed over the old one, so a crash mid-write
-    never leaves a half-written checkpoint behind."""
+    """Write atomically (a temporary file, flushed, renamed over the old one): a crash never leaves half a file."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
@@ -286,7 +271,7 @@ def load_weights(model, state, source="the checkpoint"):
 # The training loop
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
     data: str = "imagenet"  # shapes | fashion-mnist | cifar10 | cifar100 | tiny-imagenet | imagenet | folder
     data_dir: str = "data"  # where data sets live; for imagenet / folder: the folder holding train/ and val/
@@ -330,8 +315,7 @@ RESUME_MAY_CHANGE = set("out resume max_steps num_workers log_every ckpt_every v
 
 
 def check_options(cfg, positive="", non_negative=""):
-    """A ValueError naming the first field of the dataclass `cfg` (as its --option) that is out of range: the
-    `positive` ones (space-separated names) must be at least 1, the `non_negative` ones at least 0."""
+    """A ValueError naming the first of the fields `positive` (space-separated) below 1 or `non_negative` below 0."""
     for names, low, words in ((positive, 1, "be at least 1"), (non_negative, 0, "not be negative")):
         for name in names.split():
             if getattr(cfg, name) < low:
@@ -355,23 +339,40 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr):
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def seed_step(seed, step, micro=0, rank=0):
-    """Seed torch's global generators (CPU and every GPU) for one micro-batch from its place in the run, so whatever
-    the model or the loop draws there (drop path, mixup, a method's noise) does not depend on what ran before."""
-    torch.manual_seed(hash((seed, step, micro, rank)) % 2**63)
-
-
-def all_reduce_sum(x, world):
-    if world > 1:
-        dist.all_reduce(x)
-    return x
-
-
 def setup(tcfg):
-    """(rank, world size, device) of this process, with TF32 matmuls allowed on a GPU."""
-    rank, world, local_rank = distributed()
+    """(rank, world size, device) of this process from torchrun's environment, joining the process group once; TF32
+    matmuls allowed on a GPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return rank, world, pick_device(tcfg.device, local_rank)
+    return int(os.environ.get("RANK", 0)), world, pick_device(tcfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def prepare_run(method, cfg, tcfg, given):
+    """(Config, TrainConfig) of a run in tcfg.out (default runs/<method>-<data>-<time>): never two runs in one folder;
+    on --resume exactly the saved run, but for the options in RESUME_MAY_CHANGE (`given`: the options passed)."""
+    if tcfg.resume and not tcfg.out:
+        raise ValueError("--resume needs --out, the folder of the run to continue")
+    out = Path(tcfg.out or f"runs/{method}-{tcfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+    tcfg.out = str(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run folder: pass a folder")
+    if not tcfg.resume:
+        if ((out / "checkpoint.pt").exists() or (out / "log.jsonl").exists()) and not tcfg.overwrite:
+            raise ValueError(f"{out} already holds a run: pass --resume to continue it, --overwrite, or another --out")
+        return cfg, tcfg
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    if ckpt.get("method") != method:
+        raise ValueError(f"{out} holds a {ckpt.get('method')!r} run, not {method!r}")
+    saved = {**ckpt["config"], **ckpt["train"]}
+    changed = ", ".join(
+        "--" + k.replace("_", "-") for k in sorted(given) if k not in RESUME_MAY_CHANGE and saved.get(k) != given[k]
+    )
+    if changed:
+        raise ValueError(f"--resume continues {out} with its saved settings; drop {changed}")
+    train = {**ckpt["train"], **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
+    return type(cfg)(**ckpt["config"]), TrainConfig(**train)
 
 
 def autocast_dtype(amp, device):
@@ -389,12 +390,11 @@ def epoch_steps(images, world, tcfg):
 def train(
     model, optimizer, tcfg, loader, loss_of, end_of_epoch, state, ckpt=None, ema=None, evaluate_first=False, title=""
 ):
-    """The loop of pre-training and fine-tuning, in one process or many (torchrun, DDP; rank 0 writes log.jsonl and
-    checkpoint.pt); returns the run folder. loss_of(net, imgs, labels, inputs) -> a micro-batch's loss; end_of_epoch(
-    epoch) -> {metric: value} after each epoch (and before training if evaluate_first); state() -> the checkpoint but
-    the loop's part; ckpt: the checkpoint to continue (its model loaded already); ema: an AveragedModel. Every draw is
-    seeded by its place in the run (seed_step; the data's by (epoch, index)), so a resumed run is bitwise the whole
-    one. The loss and the stop flag reach the host only at logged steps (every --log-every steps, before each save)."""
+    """The loop of pre-training and fine-tuning (one process, or many under torchrun: DDP, rank 0 writes); returns
+    tcfg.out. loss_of(net, imgs, labels, inputs) -> a micro-batch's loss; end_of_epoch(epoch) -> metrics, after each
+    epoch (and before training if evaluate_first); state() -> the checkpoint but the loop's part; ckpt: the one to
+    continue (its model loaded); ema: an AveragedModel. Every draw is seeded by its place in the run, so a resumed run
+    is bitwise the whole one; the loss and the stop flag reach the host at logged steps (and before saves) only."""
     from rich import get_console
     from rich.progress import MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -434,11 +434,10 @@ def train(
             f"{world} process(es) on {device}, lr {peak_lr:.2e} (batch {images_per_step * world}), folder {out}"
         )
 
-    def log(say="", **row):  # a line of log.jsonl; with `say`, also print it and the row's metrics
+    def log(say="", metrics=None, **row):  # a line of log.jsonl; with `say`, also printed with the metrics
         if main:
             with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            metrics = {k: v for k, v in row.items() if k not in ("step", "epoch", "elapsed_s")}
+                f.write(json.dumps({**row, **(metrics or {})}) + "\n")
             if say:
                 console.print(say + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
@@ -463,12 +462,12 @@ def train(
     progress = Progress(*columns, console=console, disable=not main)
     task = progress.add_task(title, total=stop, completed=step, loss=float("nan"), lr=0.0, ips=0.0)
     if evaluate_first and step == 0:  # before training: the floor every later number is read against
-        log("before training: ", step=0, epoch=0, **end_of_epoch(0))
+        log("before training: ", end_of_epoch(0), step=0, epoch=0)
 
     # the loop over optimiser steps, with an inner loop over micro-batches
     batches, saved_step, stop_asked = None, step if ckpt else -1, False
     loss_sum, logged_step, start = torch.zeros((), device=device), step, time.perf_counter()
-    tick = start
+    tick = start  # of the logged interval
     progress.start()
     try:
         while step < stop:
@@ -484,7 +483,8 @@ def train(
                 imgs, labels, inputs = next(batches)
                 imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-                seed_step(tcfg.seed, step, micro, rank)
+                # every draw here (drop path, mixup, a method's noise) seeded by its place, not by what ran before
+                torch.manual_seed(hash((tcfg.seed, step, micro, rank)) % 2**63)
                 last = micro == tcfg.accum_iter - 1
                 with net.no_sync() if world > 1 and not last else contextlib.nullcontext():  # DDP: sync at the last
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -504,7 +504,9 @@ def train(
             save_now = epoch_end or step == stop or (tcfg.ckpt_every and step % tcfg.ckpt_every == 0)
             if step % tcfg.log_every == 0 or save_now:  # the one host sync: logged steps, and before every save
                 stats = torch.stack([loss_sum / world, torch.tensor(float(bool(signals)), device=device)])
-                loss_total, asked = all_reduce_sum(stats, world).tolist()
+                if world > 1:
+                    dist.all_reduce(stats)
+                loss_total, asked = stats.tolist()
                 loss_mean, stop_asked = loss_total / (step - logged_step), asked > 0
                 if not math.isfinite(loss_mean):
                     kept = f"the checkpoint of step {saved_step} is kept" if saved_step >= 0 else "no checkpoint"
@@ -519,7 +521,7 @@ def train(
                 logged_step, tick = step, time.perf_counter()
             if epoch_end:  # the end of an epoch: held-out metrics, then a checkpoint
                 elapsed = round(time.perf_counter() - start, 1)
-                log(f"epoch {epoch + 1}: ", step=step, epoch=epoch + 1, **end_of_epoch(epoch + 1), elapsed_s=elapsed)
+                log(f"epoch {epoch + 1}: ", end_of_epoch(epoch + 1), step=step, epoch=epoch + 1, elapsed_s=elapsed)
             if save_now or stop_asked:
                 save()
                 saved_step = step
@@ -530,16 +532,13 @@ def train(
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if stop_asked:
-        raise InterruptedError(
-            f"stopped by a signal at step {step}, checkpoint saved: continue with --resume --out {out}"
-        )
+        raise InterruptedError(f"stopped by a signal at step {step} and saved: continue with --resume --out {out}")
     return out
 
 
 @torch.no_grad()
 def evaluate_loss(model, loader, device, amp_dtype, world, seed=0):
-    """Mean loss of `model` over a held-out loader, with the global RNG fixed and then restored, so the number is
-    comparable across epochs and the training randomness is left untouched."""
+    """Mean loss over a held-out loader, the global RNG fixed (and restored after): comparable across epochs."""
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses x images, images)
     takes_labels = "labels" in inspect.signature(model.forward).parameters
@@ -560,7 +559,8 @@ def evaluate_loss(model, loader, device, amp_dtype, world, seed=0):
             if len(imgs):
                 total += torch.stack([loss.double() * len(imgs), torch.tensor(len(imgs), device=device)])
     model.train()
-    total = all_reduce_sum(total, world)
+    if world > 1:
+        dist.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
 

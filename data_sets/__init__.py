@@ -179,12 +179,18 @@ def _image_folder(split, root):
     return FileImages(samples, classes)
 
 
+def channels(name):
+    """The channels of the images of data set `name`; a ValueError if there is no such data set."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+    return DATASETS[name][0]
+
+
 def load_dataset(name, split, root="data", size=0, img_size=32, download=False):
     """The raw (image, label) data set `name` for split 'train' or 'val'; if size > 0, a fixed random subset of
     `size` items (every class represented). Missing or malformed data raise a ValueError saying what was expected."""
     root = Path(root)
-    if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+    channels(name)
     if name == "shapes":
         return Shapes(split, size or {"train": 50_000, "val": 10_000}[split], img_size)
     if name in ("fashion-mnist", "cifar10", "cifar100"):
@@ -270,11 +276,13 @@ def pretrain_loader(train_set, data, img_size, sample_inputs, seed, batch_size, 
     return make_loader(dataset, batch_size, sampler, num_workers, True, device), sampler
 
 
-def pretrain_loaders(train_set, val_set, data, img_size, sample_inputs, tcfg, device, rank=0, world=1):
-    """The pre-training loader over this process's share of train_set and the held-out loader over its share of
-    val_set (no augmentation, inputs seeded apart from training's)."""
+def pretrain_loaders(tcfg, img_size, sample_inputs, device, rank=0, world=1):
+    """The data of a pre-training run: the loader over this process's share of the training set (augmented, shuffled)
+    and the held-out loader over its share of the validation set (no augmentation, inputs seeded apart)."""
+    train_set = load_dataset(tcfg.data, "train", tcfg.data_dir, tcfg.train_size, img_size, tcfg.download)
+    val_set = load_dataset(tcfg.data, "val", tcfg.data_dir, tcfg.val_size, img_size, tcfg.download)
     settings = (tcfg.seed, tcfg.batch_size, tcfg.num_workers, device, rank, world)
-    loader = pretrain_loader(train_set, data, img_size, sample_inputs, *settings)[0]
-    val_data = SeededDataset(val_set, transform(data, img_size, False), sample_inputs, tcfg.seed + 1)
+    loader = pretrain_loader(train_set, tcfg.data, img_size, sample_inputs, *settings)[0]
+    val_data = SeededDataset(val_set, transform(tcfg.data, img_size, False), sample_inputs, tcfg.seed + 1)
     val_sampler = EpochSampler(len(val_set), False, rank=rank, world=world)
     return loader, make_loader(val_data, tcfg.batch_size, val_sampler, min(tcfg.num_workers, 2), False, device)

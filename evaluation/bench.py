@@ -54,11 +54,11 @@ LOADER_COLUMNS |= {"timed batches": "{batches}", "ms/batch": "{ms_per_batch:.1f}
 
 def main(b, name, module, model_cls, configs, find_method, console, err_console):
     """The bench command: rows of the --compare base, the method and its BENCH_VARIANTS (or with --data the loader),
-    printed as a table or JSON. configs(module, overrides) -> (Config, TrainConfig) with the options given."""
+    printed as a table or JSON. configs(module, overrides=...) -> (Config, TrainConfig) with the options given."""
     device, log = common.pick_device(b.device), (err_console if b.json else console).print
     if b.data:  # the loader alone, with the preset's batch size and workers unless given
         loader = {"data": b.data, "data_dir": b.data_dir, "num_workers": b.num_workers, "batch_size": b.batch_size}
-        cfg, tcfg = configs(module, {k: v for k, v in loader.items() if v is not None})
+        cfg, tcfg = configs(module, overrides={k: v for k, v in loader.items() if v is not None})
         train_set = data_sets.load_dataset(tcfg.data, "train", tcfg.data_dir, tcfg.train_size, cfg.img_size)
         inputs = functools.partial(module.sample_inputs, cfg) if hasattr(module, "sample_inputs") else None
         result = {"method": name} | loader_throughput(train_set, cfg, tcfg, inputs, b.batches, b.warmup, device)
@@ -73,7 +73,9 @@ def main(b, name, module, model_cls, configs, find_method, console, err_console)
         rows = []
         for label, method, cls, overrides in wanted:
             try:
-                rows.append((label, cls, configs(method, overrides)[0], getattr(method, "sample_inputs", None)))
+                rows.append(
+                    (label, cls, configs(method, overrides=overrides)[0], getattr(method, "sample_inputs", None))
+                )
             except ValueError as e:
                 if not overrides:
                     raise

@@ -9,10 +9,12 @@ import os
 import platform
 import re
 import shutil
+import sys
 import textwrap
 import time
+import types
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -128,6 +130,29 @@ class ExportConfig:
 
 
 # Models from checkpoints: ours ({"model", "method", "config", ...}) and official MAE ones ({"model", "args"}).
+
+
+def model_class(module):
+    """A method file's model: its nn.Module class with a forward_features method (of several, the most derived)."""
+    found = [c for c in vars(module).values() if isinstance(c, type) and c.__module__ == module.__name__]
+    found = [c for c in found if issubclass(c, nn.Module) and hasattr(c, "forward_features")]
+    found = [c for c in found if not any(issubclass(d, c) for d in found if d is not c)]
+    if len(found) != 1 or not is_dataclass(getattr(module, "Config", None)):
+        raise ValueError(f"{module.__file__} needs a dataclass Config and one model class with forward_features")
+    return found[0]
+
+
+def load_method(name, source, filename):
+    """(module, model class) of a method file's source, run as the module `name` and kept in sys.modules, where
+    data-loading workers find its functions."""
+    if name not in sys.modules:
+        code = compile(source, filename, "exec")  # a SyntaxError: bad input, for main
+        module = sys.modules[name] = types.ModuleType(name)
+        module.__file__, module.__source__ = filename, source
+        exec(code, vars(module))
+    if getattr(sys.modules.get(name), "__source__", None) != source:
+        raise ValueError(f"{filename}: the name {name!r} is taken by a method or a module: rename the file")
+    return sys.modules[name], model_class(sys.modules[name])
 
 
 def vit_shape(state):
@@ -300,10 +325,8 @@ def eval_datasets(ecfg, info, splits=("train", "val")):
     pre, cfg = info["train"], info["config"]
     data = ecfg.data or pre.get("data") or "imagenet"
     same = data == pre.get("data")
-    if data not in data_sets.DATASETS:
-        raise ValueError(f"unknown data set {data!r}: choose one of {', '.join(data_sets.DATASETS)}")
-    if data_sets.DATASETS[data][0] != cfg.in_chans:
-        raise ValueError(f"{data} has {data_sets.DATASETS[data][0]} channel(s) but the model takes {cfg.in_chans}")
+    if data_sets.channels(data) != cfg.in_chans:
+        raise ValueError(f"{data} has {data_sets.channels(data)} channel(s) but the model takes {cfg.in_chans}")
     data_dir = ecfg.data_dir or (pre.get("data_dir") if same else None) or "data"
     sizes = {"train": ecfg.train_size, "val": ecfg.val_size}
     sizes = {k: v if v >= 0 else (pre.get(f"{k}_size", 0) if same else 0) for k, v in sizes.items()}
@@ -420,7 +443,8 @@ def evaluate_classifier(model, loader, device, world, dtype, prefix=""):
         loss = F.cross_entropy(logits, labels, reduction="sum").item()
         total += torch.tensor([top1 * n, top5 * n, loss, n], dtype=torch.float64, device=device)
     model.train()
-    total = common.all_reduce_sum(total, world)
+    if world > 1:
+        torch.distributed.all_reduce(total)
     return {prefix + k: v for k, v in zip(("top1", "top5", "val_loss"), (total[:3] / total[3].clamp(min=1)).tolist())}
 
 

@@ -26,7 +26,7 @@ def test_pretrain_smoke_two_steps_writes_log_and_full_checkpoint(tmp_path):
     ckpt = common.load_checkpoint(out)
     assert ckpt["step"] == 2 and ckpt["method"] == "mae" and ckpt["config"]["embed_dim"] == 64
     assert {"model", "optimizer", "scaler", "step", "train", "git", "code"} <= set(ckpt)
-    assert "rng" not in ckpt  # no generator state to restore: every draw is seeded by its step (common.seed_step)
+    assert "rng" not in ckpt  # no generator state to restore: every draw is seeded by its step (common.train)
     assert "def random_masking" in ckpt["code"]["mae.py"] and "def train(" in ckpt["code"]["common.py"]
     assert json.loads((out / "config.json").read_text())["config"] == ckpt["config"]
 
