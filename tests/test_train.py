@@ -84,10 +84,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
         return (loss * float("nan") if len(calls) == 6 + 2 else loss), pred, mask  # +2: held-out batches
 
     monkeypatch.setattr(model, "forward", forward)
-    data = data_sets.load_dataset("shapes", "train", size=64), data_sets.load_dataset("shapes", "val", size=16)
-    loaders = data_sets.pretrain_loaders(
-        *data, "shapes", 32, functools.partial(mae.sample_inputs, cfg), tcfg, torch.device("cpu")
-    )
+    inputs = functools.partial(mae.sample_inputs, cfg)
+    loaders = data_sets.pretrain_loaders(tcfg, 32, inputs, torch.device("cpu"))
     # the loss reaches the host at logged steps only: here the end of epoch 2 (log-every 20 > 4 steps per epoch)
     with pytest.raises(FloatingPointError, match=r"loss is nan between steps 5 and 8 \(epoch 2\).*step 4.*is kept"):
         common.pretrain(model, cfg, tcfg, *loaders, "mae", [mae.__file__, common.__file__])
