@@ -59,6 +59,7 @@ class KnnConfig:
     k: int = 20  # neighbours that vote (Wu et al. 2018; DINO eval_knn.py)
     temperature: float = 0.07  # votes are weighted by exp(cosine similarity / temperature)
     batch_size: int = 256  # images per step of feature extraction
+    pixels: bool = False  # the raw normalised pixels as features instead of the encoder's: the floor of no encoder
 
     def __post_init__(self):
         if self.k < 1 or self.temperature <= 0 or self.batch_size < 1:
@@ -73,6 +74,7 @@ class LinprobeConfig:
     blr: float = 0.1  # base learning rate, lr = blr * batch / 256 (official main_linprobe.py)
     weight_decay: float = 0.0  # official main_linprobe.py: none
     augment: bool = False  # RandomResizedCrop + flip every epoch, as official (slow: no feature cache)
+    pixels: bool = False  # the raw normalised pixels as features instead of the encoder's: the floor of no encoder
 
     def __post_init__(self):
         train_config(self)  # every field but augment is one of common.TrainConfig's
@@ -343,15 +345,17 @@ def loader_for(dataset, tf, batch_size, num_workers, device, shuffle=False, seed
 
 
 @torch.no_grad()
-def extract_features(model, dataset, data, batch_size, ecfg, augment=False, epoch=0, bar=None, label=""):
+def extract_features(model, dataset, data, batch_size, ecfg, augment=False, epoch=0, bar=None, label="", pixels=False):
     """The protocol's features of a whole data set in order, the model in eval mode: forward_features (B, N, D)
-    mean-pooled over the N tokens, (M, D), and the labels (M,). Augmented crops are seeded by (seed, epoch, index)."""
+    mean-pooled over the N tokens, (M, D), or the pixels (M, C*H*W); and the labels (M,). Augmented crops are seeded by
+    (seed, epoch, index)."""
     device, tf = next(model.parameters()).device, data_sets.transform(data, model.cfg.img_size, augment)
     loader = loader_for(dataset, tf, batch_size, ecfg.num_workers, device, seed=ecfg.seed, epoch=epoch)
     dtype, feats, labels = common.autocast_dtype("bf16", device), [], []
     for imgs, y, _ in bar.track(loader, description=f"{label} features") if bar else loader:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            feats.append(model.eval().forward_features(imgs.to(device, non_blocking=True)).mean(1).float().cpu())
+            imgs = imgs.to(device, non_blocking=True)
+            feats.append((imgs.flatten(1) if pixels else model.eval().forward_features(imgs).mean(1)).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -557,8 +561,9 @@ def pretraining_summary(info):
     return f"{epochs:g} ep x {images} img, batch {train.get('batch_size', '?')}", seconds
 
 
-def default_out(info, command, ecfg, data):
-    return info["run_dir"] / "eval" / f"{command}{'-random-init' if ecfg.random_init else ''}-{data}-s{ecfg.seed}"
+def default_out(info, command, ecfg, data, pixels=False):
+    init = "-pixels" if pixels else "-random-init" if ecfg.random_init else ""
+    return info["run_dir"] / "eval" / f"{command}{init}-{data}-s{ecfg.seed}"
 
 
 def start_result(out, command, settings, ecfg, ccfg, info, data, code_files, world=1, fresh=True):
@@ -574,10 +579,13 @@ def start_result(out, command, settings, ecfg, ccfg, info, data, code_files, wor
         shutil.copy(f, out / "code")
     for name, text in (ckpt.get("code") or {}).items():
         (out / "code" / "pretrain" / name).write_text(text)
+    pixels = getattr(ccfg, "pixels", False)
     pretraining, pretrain_s = ("none (random init)", None) if ecfg.random_init else pretraining_summary(info)
-    meta = dict(command=command, method=info["method"], data=data, random_init=ecfg.random_init, seed=ecfg.seed)
+    pretraining, method = ("none (raw pixels)", "raw pixels") if pixels else (pretraining, info["method"])
+    meta = dict(command=command, method=method, data=data, random_init=ecfg.random_init and not pixels, seed=ecfg.seed)
     meta.update(pretrain_seed=info["train"].get("seed"), pretraining=pretraining, pretrain_wall_s=pretrain_s)
-    meta.update(encoder=f"{info['encoder_params'] / 1e6:.2f}M params, {cfg.img_size} px")
+    encoder = f"{cfg.in_chans * cfg.img_size**2:,} values" if pixels else f"{info['encoder_params'] / 1e6:.2f}M params"
+    meta.update(encoder=f"{encoder}, {cfg.img_size} px")
     meta.update(settings=settings, source=str(info["run_dir"]), git=common.git_hash())
     meta.update(pretrain_git=ckpt.get("git"), machine=machine(), world_size=world, torch=torch.__version__)
     config = {**meta, "eval": asdict(ecfg), command: asdict(ccfg), "model_config": asdict(cfg)}
@@ -603,12 +611,13 @@ def run_knn(model, info, ecfg, kcfg, code_files, console):
     """Weighted kNN top-1 / top-5 of the validation split against the training split's features."""
     start = time.perf_counter()
     data, train_set, val_set = eval_datasets(ecfg, info)
-    out = Path(ecfg.out or default_out(info, "knn", ecfg, data))
+    out = Path(ecfg.out or default_out(info, "knn", ecfg, data, kcfg.pixels))
     meta = start_result(out, "knn", f"kNN k={kcfg.k}, T={kcfg.temperature}", ecfg, kcfg, info, data, code_files)
     model.to(common.pick_device(ecfg.device))
     with Progress(console=console, transient=True) as bar:
-        train_f, train_y = extract_features(model, train_set, data, kcfg.batch_size, ecfg, bar=bar, label="train")
-        val_f, val_y = extract_features(model, val_set, data, kcfg.batch_size, ecfg, bar=bar, label="val")
+        settings = dict(data=data, batch_size=kcfg.batch_size, ecfg=ecfg, bar=bar, pixels=kcfg.pixels)
+        train_f, train_y = extract_features(model, train_set, label="train", **settings)
+        val_f, val_y = extract_features(model, val_set, label="val", **settings)
     top1, top5 = accuracy(knn_scores(train_f, train_y, val_f, len(train_set.classes), kcfg.k, kcfg.temperature), val_y)
     return finish_result(out, meta, {"top1": top1, "top5": top5}, start, train_set, val_set)
 
@@ -617,13 +626,14 @@ def run_linprobe(model, info, ecfg, lcfg, code_files, console):
     """Frozen encoder, BatchNorm (no affine) + Linear on the pooled features; top-1 / top-5 per epoch."""
     start = time.perf_counter()
     data, train_set, val_set = eval_datasets(ecfg, info)
-    out = Path(ecfg.out or default_out(info, "linprobe", ecfg, data))
+    out = Path(ecfg.out or default_out(info, "linprobe", ecfg, data, lcfg.pixels))
     settings = f"linear probe {lcfg.epochs} ep{', augmented' if lcfg.augment else ''}"
     meta = start_result(out, "linprobe", settings, ecfg, lcfg, info, data, code_files)
     device = common.pick_device(ecfg.device)
     model.to(device).requires_grad_(False)
     torch.manual_seed(ecfg.seed)
-    bn, head = nn.BatchNorm1d(info["dim"], affine=False, eps=1e-6), nn.Linear(info["dim"], len(train_set.classes))
+    dim = info["config"].in_chans * info["config"].img_size ** 2 if lcfg.pixels else info["dim"]
+    bn, head = nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, len(train_set.classes))
     probe = nn.Sequential(OrderedDict(bn=bn, head=init_head(head, 0.01))).to(device)  # official main_linprobe.py
     optimizer = torch.optim.SGD(probe.parameters(), lr=0.0, momentum=0.9, weight_decay=lcfg.weight_decay)
     steps = max(len(train_set) // lcfg.batch_size, 1)  # per epoch; the last partial batch is dropped, as official
@@ -631,13 +641,14 @@ def run_linprobe(model, info, ecfg, lcfg, code_files, console):
     peak_lr = lcfg.blr * min(lcfg.batch_size, len(train_set)) / 256
     order = torch.Generator().manual_seed(ecfg.seed)  # the order of the training features, every epoch
     with Progress(console=console, transient=True) as bar:
-        val_f, val_y = extract_features(model, val_set, data, lcfg.batch_size, ecfg, bar=bar, label="val")
+        settings = dict(data=data, batch_size=lcfg.batch_size, ecfg=ecfg, pixels=lcfg.pixels)
+        val_f, val_y = extract_features(model, val_set, bar=bar, label="val", **settings)
         if not lcfg.augment:  # the cache: one pass over the training images, then only the head trains
-            train_f, train_y = extract_features(model, train_set, data, lcfg.batch_size, ecfg, bar=bar, label="train")
+            train_f, train_y = extract_features(model, train_set, bar=bar, label="train", **settings)
         task = bar.add_task("probe", total=lcfg.epochs)
         for epoch in range(lcfg.epochs):
             if lcfg.augment:  # new crops every epoch
-                train_f, train_y = extract_features(model, train_set, data, lcfg.batch_size, ecfg, True, epoch)
+                train_f, train_y = extract_features(model, train_set, augment=True, epoch=epoch, **settings)
             probe.train()
             batches = torch.randperm(len(train_f), generator=order)[: steps * lcfg.batch_size].view(steps, -1)
             for i, idx in enumerate(batches):

@@ -630,3 +630,32 @@ def test_finetune_on_two_processes_matches_one(tiny_run, tmp_path):
     for name in one["model"]:
         assert torch.allclose(one["model"][name], two["model"][name], atol=1e-5), name
     assert torch.allclose(one["head"]["head"]["weight"], two["head"]["head"]["weight"], atol=1e-5)
+
+
+def test_knn_and_linprobe_on_raw_pixels(tiny_run, cli_run, tmp_path):
+    """--pixels: the normalised pixels of the same images as features (the floor of no encoder). kNN's top-1 equals a
+    brute-force weighted kNN written here (cosine similarity, the 20 nearest vote with exp(sim / 0.07))."""
+    r = cli_run("knn", tiny_run, "--pixels", "--out", tmp_path / "knn")
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = read_result(tmp_path / "knn")
+    assert result["method"] == "raw pixels" and result["encoder"].startswith("3,072 values")
+    tf = data_sets.transform("shapes", 32, train=False)
+    splits = [data_sets.load_dataset("shapes", s, size=n, img_size=32) for s, n in (("train", 256), ("val", 64))]
+    (train_x, train_y), (val_x, val_y) = [
+        (
+            torch.stack([tf(ds[i][0]).flatten() for i in range(len(ds))]),
+            torch.tensor([ds[i][1] for i in range(len(ds))]),
+        )
+        for ds in splits
+    ]
+    hits = 0
+    for x, y in zip(val_x, val_y):
+        sim = torch.nn.functional.cosine_similarity(train_x, x[None], dim=1)
+        votes = {}
+        for i in sim.argsort(descending=True)[:20].tolist():
+            votes[int(train_y[i])] = votes.get(int(train_y[i]), 0.0) + math.exp(sim[i].item() / 0.07)
+        hits += max(votes, key=votes.get) == int(y)
+    assert result["metrics"]["top1"] == pytest.approx(hits / len(val_y))
+    r = cli_run("linprobe", tiny_run, "--pixels", "--epochs", "3", "--out", tmp_path / "probe")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert read_result(tmp_path / "probe")["pretraining"] == "none (raw pixels)"
