@@ -3,6 +3,9 @@ counted once per storage, ratios, BENCH_VARIANTS rows, and the command line."""
 
 import ast
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -214,6 +217,26 @@ def test_cli_bench_accepts_compile():
     assert result.returncode == 0, result.stderr + result.stdout
     (row,) = json.loads(result.stdout)
     assert row["images_per_s"] > 0 and row["mfu"] is None
+
+
+def test_gpu_check_compares_every_step_of_the_losses():
+    from experiments import gpu_check
+
+    eager = {1: 2.0, 2: 1.5}
+    assert gpu_check.compare(eager, {1: 2.02, 2: 1.51}) == (pytest.approx(0.01), True)
+    assert not gpu_check.compare(eager, {1: 2.0, 2: 1.6})[1] and not gpu_check.compare(eager, {1: 2.0})[1]
+    assert not gpu_check.compare({}, {})[1]  # no logged loss at all is a failure, not a pass
+
+
+@pytest.mark.slow
+def test_gpu_check_small_form_runs_on_a_cpu(tmp_path):
+    """experiments/gpu_check.py with GPU_CHECK_SMALL=1: every step of the GPU check, on the tiny preset, in fp32."""
+    env = {**os.environ, "GPU_CHECK_SMALL": "1", "OUT": str(tmp_path), **ONE_THREAD}
+    r = subprocess.run([sys.executable, "experiments/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report, figures = (tmp_path / "gpu_check.txt").read_text(), json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "OK: compiled losses equal eager ones" in report and "img/s" in report
+    assert len(figures["pretrain losses"]["eager"]) == 4 and len([k for k in figures if "batch" in k]) == 4
 
 
 def test_cli_bench_data_measures_the_loader_alone():
