@@ -9,6 +9,7 @@ import gc
 import inspect
 import itertools
 import json
+import re
 import statistics
 import time
 
@@ -37,25 +38,36 @@ class BenchConfig:
     data_dir: str = "data"  # with --data: where data sets live
     num_workers: int | None = None  # with --data: data-loading processes (None: the preset's)
     batches: int = 50  # with --data: timed batches
+    amp: str = "bf16"  # autocast on GPU, as pretrain: bf16 | fp16 (with a gradient scaler) | fp32; CPU runs are fp32
+    compile: bool = (
+        False  # torch.compile the model for the timed steps, as pretrain --compile (compiled in the --warmup steps)
+    )
 
     def __post_init__(self):  # None: the default (with --data, TrainConfig checks the preset's batch and workers)
         given = " batch_size" if self.batch_size is not None else ""
         common.check_options(self, "steps rounds batches" + given, "warmup")
+        if self.amp not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"--amp must be bf16, fp16 or fp32, got {self.amp!r}")
 
 
 FIGURES = {"params_m": ("params (M)", "{:.2f}"), "gflops_fwd": ("GFLOPs/img fwd", "{:.3g}")}  # key: (title, format)
 FIGURES |= {"gflops": ("GFLOPs/img fwd+bwd", "{:.3g}"), "saved_mb": ("saved MB/step", "{:.1f}")}
 FIGURES |= {"saved_mb_math": ("saved MB/step, math attn", "{:.1f}"), "peak_gpu_mb": ("peak GPU MB", "{:.0f}")}
 FIGURES |= {"step_ms": ("step ms (median)", "{:.1f}"), "step_ms_min": ("step ms (min)", "{:.1f}")}
+FIGURES |= {"images_per_s": ("img/s", "{:.0f}"), "mfu": ("MFU", "{:.1%}")}  # MFU: on a GPU of PEAK_BF16 only
 FIGURES |= {"inputs_ms": ("inputs ms/img (workers)", "{:.3f}")}
 LOADER_COLUMNS = {"data": "{data}", "px": "{img_size}", "batch": "{batch_size}", "workers": "{num_workers}"}
 LOADER_COLUMNS |= {"timed batches": "{batches}", "ms/batch": "{ms_per_batch:.1f}", "img/s": "{images_per_s:.0f}"}
+# peak dense bf16 tensor FLOP/s by a word of torch.cuda.get_device_name, the first match counting: half the sparse
+# figures of NVIDIA's datasheets, A100 624 (SXM, PCIe), H100 1,979 (SXM), 1,513 (PCIe), H200 1,979 (docs/costs.md)
+PEAK_BF16 = {"NVL": None, "A100": 312e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}  # NVL parts: not known
 
 
 def main(b, name, module, model_cls, configs, find_method, console, err_console):
     """The bench command: rows of the --compare base, the method and its BENCH_VARIANTS (or with --data the loader),
     printed as a table or JSON. configs(module, overrides=...) -> (Config, TrainConfig) with the options given."""
     device, log = common.pick_device(b.device), (err_console if b.json else console).print
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as common.setup
     if b.data:  # the loader alone, with the preset's batch size and workers unless given
         loader = {"data": b.data, "data_dir": b.data_dir, "num_workers": b.num_workers, "batch_size": b.batch_size}
         cfg, tcfg = configs(module, overrides={k: v for k, v in loader.items() if v is not None})
@@ -81,10 +93,11 @@ def main(b, name, module, model_cls, configs, find_method, console, err_console)
                     raise
                 log(f"[dim]skipped {escape(label)}: {escape(str(e))}[/]")
         batch_size, cfg = 8 if b.batch_size is None else b.batch_size, rows[-1][2]
-        result = run(rows, batch_size, b.steps, b.warmup, b.rounds, device, log)
+        result = run(rows, batch_size, b.steps, b.warmup, b.rounds, device, log, b.amp, b.compile)
         title = f"{cfg.img_size} px, patch {cfg.patch_size}, batch {batch_size}, {device}, "
+        title += f"{b.amp if device.type == 'cuda' else 'fp32'}{', compiled' * b.compile}, "
         title += f"{torch.get_num_threads()} threads; ratios to the first row, measured in this run"
-        shown = [k for k in FIGURES if any(r[k] is not None for r in result)]  # no GPU column on a CPU
+        shown = [k for k in FIGURES if k == "mfu" or any(r[k] is not None for r in result)]  # no GPU MB on a CPU
         columns = [Column(FIGURES[k][0], justify="right") for k in shown]
         table = Table("row", *columns, title=title, title_justify="left")
         for i, row in enumerate(result):
@@ -163,9 +176,12 @@ def make_inputs(cfg, sample_inputs, batch_size, seed=0, timed_calls=64):
     return torch.utils.data.default_collate(samples[:batch_size]), statistics.median(times) * 1e3
 
 
-def measure(model_cls, cfg, sample_inputs, batch_size, steps, warmup, device, static=True, seed=0):
-    """The figures of one model, built (seeded) here: "times", the seconds of `steps` training steps (forward,
-    backward, AdamW) after `warmup` untimed ones, and if `static` the others."""
+def measure(
+    model_cls, cfg, sample_inputs, batch_size, steps, warmup, device, static=True, seed=0, amp="bf16", compile=False
+):
+    """The figures of one model, built (seeded) here: "times", the seconds of `steps` training steps after `warmup`
+    untimed ones, each as common.train runs it (autocast, forward, backward, fused AdamW step of common.pretrain's
+    groups, a gradient scaler for fp16; optionally compiled), and if `static` the others."""
     torch.manual_seed(seed)
     model, cuda = model_cls(cfg).to(device).train(), device.type == "cuda"
     imgs = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size)
@@ -180,15 +196,21 @@ def measure(model_cls, cfg, sample_inputs, batch_size, steps, warmup, device, st
         row |= dict(params_m=params, inputs_ms=inputs_ms, gflops_fwd=fwd / few / 1e9, gflops=total / few / 1e9)
         row |= dict(saved_mb=saved_bytes(model, imgs, inputs) / 2**20, peak_gpu_mb=None)
         row["saved_mb_math"] = saved_bytes(model, imgs, inputs, math_attention=True) / 2**20
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    groups = common.param_groups(model, common.TrainConfig.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=1e-6, betas=(0.9, 0.95), fused=cuda)  # as common.pretrain
+    amp_dtype, net = common.autocast_dtype(amp, device), torch.compile(model) if compile else model
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     sync = torch.cuda.synchronize if cuda else lambda device: None
     for i in range(warmup + steps):
         if i == warmup and cuda:
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         tick = time.perf_counter()
-        model(imgs, **inputs)[0].backward()
-        optimizer.step()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = net(imgs, **inputs)[0]
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
         row["times"] += [time.perf_counter() - tick] if i >= warmup else []
@@ -197,22 +219,32 @@ def measure(model_cls, cfg, sample_inputs, batch_size, steps, warmup, device, st
     return row
 
 
-def run(rows, batch_size=8, steps=3, warmup=1, rounds=3, device="cpu", log=print):
+def run(rows, batch_size=8, steps=3, warmup=1, rounds=3, device="cpu", log=print, amp="bf16", compile=False):
     """rows: [(name, model class, Config, sample_inputs or None)] -> one dict per row with every figure and `ratio`,
-    each figure over the first row's. The step times come from `rounds` rounds that each time every row in turn."""
+    each figure over the first row's. The step times come from `rounds` rounds that each time every row in turn;
+    images/s is batch_size over the median step, MFU its FLOPs/s over the device's peak_flops (None if unknown)."""
     device, results = torch.device(device), [{"name": name, "times": []} for name, *_ in rows]
+    peak = peak_flops(device)
     for r in range(rounds):
         for result, (name, *row) in zip(results, rows):
             log(f"round {r + 1}/{rounds}: {name}")
-            figures = measure(*row, batch_size, steps, warmup, device, static=r == 0)
+            figures = measure(*row, batch_size, steps, warmup, device, static=r == 0, amp=amp, compile=compile)
             result["times"] += figures.pop("times")
             result.update(figures)
             gc.collect()  # the model is freed before the next one is built
     for row in results:
         times = row.pop("times")
         row.update(step_ms=statistics.median(times) * 1e3, step_ms_min=min(times) * 1e3)
+        row["images_per_s"] = batch_size / statistics.median(times)
+        row["mfu"] = row["gflops"] * 1e9 * row["images_per_s"] / peak if peak else None  # optimizer FLOPs left out
         row["ratio"] = {k: row[k] / results[0][k] if row[k] is not None and results[0][k] else None for k in FIGURES}
     return results
+
+
+def peak_flops(device):
+    """The peak dense bf16 FLOP/s of a GPU by its name in PEAK_BF16; None on a CPU or a GPU not in the table."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for key, peak in PEAK_BF16.items() if re.search(rf"\b{key}\b", name, re.IGNORECASE)), None)
 
 
 def loader_throughput(train_set, cfg, tcfg, sample_inputs, batches, warmup, device):

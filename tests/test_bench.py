@@ -3,6 +3,9 @@ counted once per storage, ratios, BENCH_VARIANTS rows, and the command line."""
 
 import ast
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -120,6 +123,8 @@ def test_cli_bench_compare_with_variants_as_json():
     assert g["pr-mim: throw 0.5, no progressive"] < g["pr-mim"]
     assert rows["pr-mim"]["saved_mb"] < rows["mae"]["saved_mb"]
     assert rows["pr-mim"]["step_ms"] > 0 and rows["pr-mim"]["inputs_ms"] > 0
+    for r in rows.values():  # images/s: the batch over the median step; no MFU on a CPU (no peak to divide by)
+        assert r["images_per_s"] == pytest.approx(2 / (r["step_ms"] / 1e3)) and r["mfu"] is None
 
 
 def test_cli_bench_table_skips_impossible_variants_and_refuses_bad_options():
@@ -147,6 +152,91 @@ def test_cli_bench_table_skips_impossible_variants_and_refuses_bad_options():
     assert "skipped pr-mim: throw 0.65" in result.stdout  # above the mask ratio 0.6
     with pytest.raises(ValueError, match="--steps"):
         bench.BenchConfig(steps=0)
+    result = run_cli("bench", "mae", "--preset", "tiny", "--amp", "fp8", env=ONE_THREAD)
+    assert result.returncode == 2 and result.stderr.strip() == "error: --amp must be bf16, fp16 or fp32, got 'fp8'"
+
+
+def test_the_timed_step_is_trains_step_with_the_optimizer_step_inside(monkeypatch):
+    """bench.measure times forward, backward and AdamW's step (betas and groups of common.pretrain, not fused on a CPU),
+    under torch.compile with --compile: each AdamW step made 50 ms slower here must show in every timed step, the
+    parameters must move, and the compiled module must be the one run."""
+    cfg, _ = cli.resolve(mae, "tiny", None, {})
+    torch.manual_seed(0)
+    model, made, steps, compiled = mae.MAE(cfg), [], [], []
+    before = [p.detach().clone() for p in model.parameters()]
+
+    class Slow(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            made.append((self, kwargs))
+
+        def step(self, closure=None):
+            time.sleep(0.05)
+            steps.append(1)
+            return super().step(closure)
+
+    def fake_compile(module):  # the wiring only; a real compile is slow on a CPU: the slow test below
+        compiled.append(module)
+        return lambda *args, **kwargs: module(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Slow)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    row = bench.measure(
+        lambda c: model, cfg, mae.sample_inputs, 2, 3, 1, torch.device("cpu"), static=False, compile=True
+    )
+    ((optimizer, kwargs),) = made
+    assert len(steps) == 1 + 3 and len(row["times"]) == 3 and min(row["times"]) >= 0.05 and compiled == [model]
+    assert kwargs["betas"] == (0.9, 0.95) and kwargs["fused"] is False
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [common.TrainConfig.weight_decay, 0.0]
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()) if p.requires_grad)
+
+
+def test_images_per_s_and_mfu_of_a_row_from_the_peak_table(monkeypatch):
+    cfg, _ = cli.resolve(mae, "tiny", None, {})
+    rows = [("mae", mae.MAE, cfg, mae.sample_inputs)]
+    monkeypatch.setattr(bench, "peak_flops", lambda device: 1e12)  # as a GPU of 1 TFLOP/s would be
+    (row,) = bench.run(rows, batch_size=2, steps=2, warmup=0, rounds=1, log=lambda *a: None)
+    assert row["images_per_s"] == pytest.approx(2 / (row["step_ms"] / 1e3))
+    assert row["mfu"] == pytest.approx(row["gflops"] * 1e9 * row["images_per_s"] / 1e12)
+
+
+def test_peak_flops_by_device_name(monkeypatch):
+    names = {"NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA H100 80GB HBM3": 989e12}
+    names |= {"NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12, "NVIDIA H100 NVL": None, "NVIDIA H200 NVL": None}
+    names |= {"NVIDIA GeForce RTX 4090": None, "NVIDIA RTX A1000": None}  # not in the table: "-"
+    for name, peak in names.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert bench.peak_flops(torch.device("cuda", 0)) == peak, name
+    assert bench.peak_flops(torch.device("cpu")) is None
+
+
+@pytest.mark.slow
+def test_cli_bench_accepts_compile():
+    args = ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--rounds", "1", "--no-variants", "--json"]
+    result = run_cli("bench", "mae", *args, "--compile", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr + result.stdout
+    (row,) = json.loads(result.stdout)
+    assert row["images_per_s"] > 0 and row["mfu"] is None
+
+
+def test_gpu_check_compares_every_step_of_the_losses():
+    from experiments import gpu_check
+
+    eager = {1: 2.0, 2: 1.5}
+    assert gpu_check.compare(eager, {1: 2.02, 2: 1.51}) == (pytest.approx(0.01), True)
+    assert not gpu_check.compare(eager, {1: 2.0, 2: 1.6})[1] and not gpu_check.compare(eager, {1: 2.0})[1]
+    assert not gpu_check.compare({}, {})[1]  # no logged loss at all is a failure, not a pass
+
+
+@pytest.mark.slow
+def test_gpu_check_small_form_runs_on_a_cpu(tmp_path):
+    """experiments/gpu_check.py with GPU_CHECK_SMALL=1: every step of the GPU check, on the tiny preset, in fp32."""
+    env = {**os.environ, "GPU_CHECK_SMALL": "1", "OUT": str(tmp_path), **ONE_THREAD}
+    r = subprocess.run([sys.executable, "experiments/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report, figures = (tmp_path / "gpu_check.txt").read_text(), json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "OK: compiled losses equal eager ones" in report and "img/s" in report
+    assert len(figures["pretrain losses"]["eager"]) == 4 and len([k for k in figures if "batch" in k]) == 4
 
 
 def test_cli_bench_data_measures_the_loader_alone():
