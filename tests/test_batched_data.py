@@ -127,7 +127,12 @@ def test_in_memory_data_is_batched_and_files_or_mim_worker_data_use_the_workers(
     files = data_sets.FileImages([(tmp_path / "a.png", 0)] * 8, ["a"])
     fashion = data_sets.TensorImages(torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.zeros(8), ["a"])
     subset = torch.utils.data.Subset(fashion, [0, 1, 2, 3])
-    for ds, batched in ((files, False), (fashion, True), (subset, True), (data_sets.Shapes("val", 8, 8), True)):
+    for ds, batched in (
+        (files, False),
+        (fashion, True),
+        (subset, True),
+        (data_sets.load_dataset("shapes", "val", size=8, img_size=8), True),
+    ):
         loader, sampler = data_sets.pretrain_loader(ds, "fashion-mnist", 8, None, 0, 2, 0, CPU)
         assert isinstance(loader, data_sets.BatchedLoader) == batched and loader.sampler is sampler
     monkeypatch.setenv("MIM_WORKER_DATA", "1")
