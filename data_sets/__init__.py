@@ -3,12 +3,14 @@
 Every data set yields (image, label), the image a PIL image or a (C, H, W) uint8 or [0, 1] tensor. SeededDataset
 adds the augmentation and a method's per-sample random inputs (e.g. masks), every draw fixed by (seed, epoch, index),
 and EpochSampler hands each process its share of a seeded shuffle, so a resumed run sees what an uninterrupted one
-would have, whatever the number of workers or processes.
+would have, whatever the number of workers or processes. Data held in memory skips the workers: BatchedLoader
+augments whole batches on the training device, its draws fixed by (seed, epoch, index) as well.
 """
 
 import gzip
 import itertools
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -268,10 +270,88 @@ def make_loader(dataset, batch_size, sampler, num_workers, train, device):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
 
 
-def pretrain_loader(train_set, data, img_size, sample_inputs, seed, batch_size, num_workers, device, rank=0, world=1):
-    """The pre-training loader (the MAE augmentation and the method's per-sample inputs in the workers, this
-    process's share of a seeded shuffle); loader.sampler.set_epoch starts each epoch. `bench --data` times it."""
+def resize_weights(start, length, size, n):
+    """(B, size, n): rows of torchvision's antialiased bicubic resize (PIL's kernel, a = -0.5, widened when a crop is
+    shrunk) of each crop [start, start + length) (B,) of an axis of n pixels to `size`; taps off the crop dropped."""
+    start, length, j = start[:, None, None], length[:, None, None], torch.arange(n, device=start.device)
+    centre = start + (torch.arange(size, device=start.device)[:, None] + 0.5) * length / size  # (B, size, 1)
+    x = ((j + 0.5 - centre) / (length / size).clamp(min=1)).abs()  # distances in kernel units
+    k = torch.where(x < 1, (1.5 * x - 2.5) * x * x + 1, ((-0.5 * x + 2.5) * x - 4) * x + 2)
+    k = k * ((x < 2) & (j >= start) & (j < start + length))  # taps off the crop dropped
+    return k / k.sum(-1, keepdim=True)
+
+
+def resized_crops(imgs, boxes, flips, size):
+    """(B, C, size, size): the crops (top, left, height, width) (B, 4) of imgs (B, C, H, W) resized as torchvision's
+    resized_crop(bicubic, antialias) does it, two batched matmuls, flipped left-right where flips (B,), in [0, 1]."""
+    top, left, h, w = boxes.to(imgs.device, torch.float32).unbind(1)
+    rows, cols = resize_weights(top, h, size, imgs.shape[-2]), resize_weights(left, w, size, imgs.shape[-1])
+    cols = torch.where(flips.to(imgs.device)[:, None, None], cols.flip(1), cols)
+    return (rows[:, None] @ (imgs @ cols[:, None].transpose(-1, -2))).clamp(0, 1)
+
+
+class BatchedLoader:
+    """The pre-training loader of data held in memory: the uint8 images once on `device`, each batch cropped like
+    RandomResizedCrop(scale, ratio) (the same 10 tries and fallback), resized, flipped and normalised there in a few
+    batched calls. Each sample's crop and flip come from a generator seeded by (seed, epoch, index), as in
+    SeededDataset, and its method inputs from SeededDataset's own generator (the same masks): a loop on the host,
+    ~20 us a sample. Unlike transform(): float weights, not uint8's fixed-point ones, and no rounding to uint8 after
+    the resize; the built-in data set is rounded to uint8 once, and clamped to [0, 1] after it as uint8 data are."""
+
+    scale, ratio, flip = (0.2, 1.0), (3 / 4, 4 / 3), 0.5
+
+    def __init__(self, images, labels, data, img_size, sample_inputs, seed, batch_size, sampler, device):
+        self.images, self.labels, self.sampler, self.device = images.to(device), labels.to(device), sampler, device
+        self.img_size, self.sample_inputs, self.seed, self.batch_size = img_size, sample_inputs, seed, batch_size
+        self.mean, self.std = (torch.tensor(s, device=device).view(-1, 1, 1) for s in DATASETS[data][1])
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        keys = list(self.sampler)
+        for b in range(len(keys) // self.batch_size):
+            yield self.batch(keys[b * self.batch_size : (b + 1) * self.batch_size])
+
+    def crops(self, draws):
+        """Boxes (top, left, height, width) (B, 4) and flips (B,) from (B, 23) uniform draws, as get_params draws."""
+        H, W = self.images.shape[-2:]
+        (s0, s1), (r0, r1) = self.scale, (math.log(r) for r in self.ratio)
+        area, ratio = H * W * (s0 + (s1 - s0) * draws[:, :10]), (r0 + (r1 - r0) * draws[:, 10:20]).exp()
+        w, h = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()  # (B, 10) tries
+        ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+        k, fits = ok.int().argmax(1, keepdim=True), ok.any(1)  # the first try that fits, else the centre crop
+        w = torch.where(fits, w.gather(1, k)[:, 0], min(W, round(H * self.ratio[1])))
+        h = torch.where(fits, h.gather(1, k)[:, 0], min(H, round(W / self.ratio[0])))
+        top = torch.where(fits, (draws[:, 20] * (H - h + 1)).floor(), (H - h) // 2)
+        left = torch.where(fits, (draws[:, 21] * (W - w + 1)).floor(), (W - w) // 2)
+        return torch.stack([top, left, h, w], 1), draws[:, 22] < self.flip
+
+    def batch(self, keys):
+        """(images (B, C, S, S) normalised, labels (B,), inputs {name: (B, ...)}), all on the device, of keys."""
+        index, gen = torch.tensor([i for _, i in keys], device=self.device), torch.Generator()
+        seeds = [hash((self.seed, *k)) % 2**32 for k in keys]
+        draws = torch.stack([torch.rand(23, generator=gen.manual_seed(s), dtype=torch.float64) for s in seeds])
+        imgs = resized_crops(self.images[index].float() / 255, *self.crops(draws), self.img_size)
+        sample_inputs, seeds = self.sample_inputs or (lambda g: {}), [hash((self.seed, *k, 1)) % 2**32 for k in keys]
+        drawn = [sample_inputs(gen.manual_seed(s)) for s in seeds]  # as SeededDataset draws them: the same masks
+        inputs = {name: torch.stack([d[name] for d in drawn]).to(self.device) for name in drawn[0]}
+        return (imgs - self.mean) / self.std, self.labels[index], inputs
+
+
+def pretrain_loader(
+    train_set, data, img_size, sample_inputs, seed, batch_size, num_workers, device, rank=0, world=1, batched=None
+):
+    """The pre-training loader (the MAE augmentation and the method's per-sample inputs, this process's share of a
+    seeded shuffle); loader.sampler.set_epoch starts each epoch. `bench --data` times it. batched (None: when the data
+    is not read from files, unless MIM_WORKER_DATA=1): a BatchedLoader, else SeededDataset in `num_workers` workers."""
     sampler = EpochSampler(len(train_set), shuffle=True, seed=seed, rank=rank, world=world)
+    files = isinstance(getattr(train_set, "dataset", train_set), FileImages)
+    if batched or (batched is None and not files and os.environ.get("MIM_WORKER_DATA") != "1"):
+        read = torch.utils.data.DataLoader(train_set, 256, num_workers=num_workers)  # through the data set's interface
+        images, labels = (torch.cat(x) for x in zip(*read))  # once; a [0, 1] image (the built-in one) rounded to uint8
+        images = images if images.dtype == torch.uint8 else (images * 255).round().to(torch.uint8)
+        return BatchedLoader(images, labels, data, img_size, sample_inputs, seed, batch_size, sampler, device), sampler
     dataset = SeededDataset(train_set, transform(data, img_size, True), sample_inputs, seed)
     return make_loader(dataset, batch_size, sampler, num_workers, True, device), sampler
 
