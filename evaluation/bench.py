@@ -56,7 +56,13 @@ FIGURES |= {"saved_mb_math": ("saved MB/step, math attn", "{:.1f}"), "peak_gpu_m
 FIGURES |= {"step_ms": ("step ms (median)", "{:.1f}"), "step_ms_min": ("step ms (min)", "{:.1f}")}
 FIGURES |= {"images_per_s": ("img/s", "{:.0f}"), "mfu": ("MFU", "{:.1%}")}  # MFU: on a GPU of PEAK_BF16 only
 FIGURES |= {"inputs_ms": ("inputs ms/img (workers)", "{:.3f}")}
-LOADER_COLUMNS = {"data": "{data}", "px": "{img_size}", "batch": "{batch_size}", "workers": "{num_workers}"}
+LOADER_COLUMNS = {
+    "path": "{path}",
+    "data": "{data}",
+    "px": "{img_size}",
+    "batch": "{batch_size}",
+    "workers": "{num_workers}",
+}
 LOADER_COLUMNS |= {"timed batches": "{batches}", "ms/batch": "{ms_per_batch:.1f}", "img/s": "{images_per_s:.0f}"}
 # peak dense bf16 tensor FLOP/s by a word of torch.cuda.get_device_name, the first match counting: half the sparse
 # figures of NVIDIA's datasheets, A100 624 (SXM, PCIe), H100 1,979 (SXM), 1,513 (PCIe), H200 1,979 (docs/costs.md)
@@ -73,11 +79,15 @@ def main(b, name, module, model_cls, configs, find_method, console, err_console)
         cfg, tcfg = configs(module, overrides={k: v for k, v in loader.items() if v is not None})
         train_set = data_sets.load_dataset(tcfg.data, "train", tcfg.data_dir, tcfg.train_size, cfg.img_size)
         inputs = functools.partial(module.sample_inputs, cfg) if hasattr(module, "sample_inputs") else None
-        result = {"method": name} | loader_throughput(train_set, cfg, tcfg, inputs, b.batches, b.warmup, device)
+        paths = [loader_throughput(train_set, cfg, tcfg, inputs, b.batches, b.warmup, device)]  # as training reads it
+        if paths[0]["path"] == "batched":  # data in memory: the per-sample worker path beside it
+            paths.append(loader_throughput(train_set, cfg, tcfg, inputs, b.batches, b.warmup, device, batched=False))
+        result = {"method": name, **paths[0], "paths": paths}  # the path training takes, and both side by side
         title = f"{name}'s pre-training data loader alone: {result['images']} images, augmentation + sample_inputs"
-        title += f" in the workers, {result['warmup_batches']} batches untimed first"
+        title += f", {result['warmup_batches']} batches untimed first"
         table = Table(*(Column(k, justify="right") for k in LOADER_COLUMNS), title=title, title_justify="left")
-        table.add_row(*(cell.format(**result) for cell in LOADER_COLUMNS.values()))
+        for row in paths:
+            table.add_row(*(cell.format(**row) for cell in LOADER_COLUMNS.values()))
     else:
         variants = getattr(module, "BENCH_VARIANTS", {}) if b.variants else {}
         wanted = [(*find_method(b.compare, "--compare"), {})] if b.compare else []
@@ -247,12 +257,12 @@ def peak_flops(device):
     return next((peak for key, peak in PEAK_BF16.items() if re.search(rf"\b{key}\b", name, re.IGNORECASE)), None)
 
 
-def loader_throughput(train_set, cfg, tcfg, sample_inputs, batches, warmup, device):
+def loader_throughput(train_set, cfg, tcfg, sample_inputs, batches, warmup, device, batched=None):
     """Images per second of the pre-training loader over `train_set` alone (data_sets.pretrain_loader, as in training:
     cfg's image size, tcfg's batch size, workers and seed) over `batches` batches after `warmup` untimed ones, at least
     2 per worker (worker start-up, the first prefetched batches); epochs follow one another."""
     warmup = max(warmup, 2 * tcfg.num_workers)
-    settings = (tcfg.seed, tcfg.batch_size, tcfg.num_workers, torch.device(device))
+    settings = (tcfg.seed, tcfg.batch_size, tcfg.num_workers, torch.device(device), 0, 1, batched)  # one process
     loader, sampler = data_sets.pretrain_loader(train_set, tcfg.data, cfg.img_size, sample_inputs, *settings)
     if len(loader) == 0:
         raise ValueError(f"{len(train_set)} images are fewer than one batch of {tcfg.batch_size}: lower --batch-size")
@@ -269,6 +279,7 @@ def loader_throughput(train_set, cfg, tcfg, sample_inputs, batches, warmup, devi
     images = sum(len(next(stream)[0]) for _ in range(batches))
     seconds = time.perf_counter() - tick
     stream.close()  # ends the epoch's iterator, so the workers shut down
-    result = dict(data=tcfg.data, img_size=cfg.img_size, batch_size=tcfg.batch_size, num_workers=tcfg.num_workers)
+    result = dict(path="batched" if isinstance(loader, data_sets.BatchedLoader) else "workers", data=tcfg.data)
+    result |= dict(img_size=cfg.img_size, batch_size=tcfg.batch_size, num_workers=tcfg.num_workers)
     result |= dict(images=len(train_set), warmup_batches=warmup, batches=batches, seconds=seconds)
     return result | dict(images_per_s=images / seconds, ms_per_batch=seconds / batches * 1e3)

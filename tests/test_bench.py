@@ -268,6 +268,7 @@ def test_cli_bench_data_measures_the_loader_alone():
     assert 0 < row["seconds"] < wall and row["images_per_s"] > 3 * 32 / wall
     assert row["images_per_s"] * row["seconds"] == pytest.approx(3 * 32)  # images counted: batches x batch size
     assert row["ms_per_batch"] == pytest.approx(row["seconds"] / 3 * 1e3)
+    assert [p["path"] for p in row["paths"]] == ["batched", "workers"] and row["path"] == "batched"  # side by side
 
 
 def test_loader_throughput_times_the_pretraining_loaders_batches_after_the_warmup(monkeypatch):
