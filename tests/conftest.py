@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,27 @@ def run_cli(*args, timeout=600, env=None):
     return subprocess.run(
         [sys.executable, "cli.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(*args, nproc=2, timeout=300):
+    """`torchrun --nproc-per-node NPROC cli.py ARGS` in the project root, on the loopback (gloo) with a free port and
+    one thread per process; returns the CompletedProcess (text, not checked)."""
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "200",
+    }
+    port = ["--master-addr", "127.0.0.1", "--master-port", free_port()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", nproc, *port, "cli.py", *args]
+    return subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 # A process that has imported cli.py once and forks a child for each command: the child runs cli.main(ARGS),

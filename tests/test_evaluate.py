@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, ForkedCli, run_cli
+from conftest import ROOT, ForkedCli, run_cli, run_torchrun
 
 import cli
 import common
@@ -566,9 +566,6 @@ def test_random_init_encoder_evaluates_worse_than_a_briefly_trained_one(tmp_path
 @pytest.mark.slow
 def test_finetune_on_two_processes_matches_one(tiny_run, tmp_path):
     """torchrun with 2 processes x 16 images = 1 process x 32: the same samples, crops and weights (gloo, CPU)."""
-    import os
-    import subprocess
-    import sys
 
     plain = [
         "--train-size",
@@ -594,33 +591,7 @@ def test_finetune_on_two_processes_matches_one(tiny_run, tmp_path):
     ]
     r = run_cli("finetune", tiny_run, *plain, "--batch-size", "32", "--out", tmp_path / "one")
     assert r.returncode == 0, r.stdout + r.stderr
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "COLUMNS": "200"}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            "29531",
-            "cli.py",
-            "finetune",
-            str(tiny_run),
-            *plain,
-            "--batch-size",
-            "16",
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        cwd=Path(cli.__file__).parent,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    r = run_torchrun("finetune", tiny_run, *plain, "--batch-size", "16", "--out", tmp_path / "two", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two"))
     start = torch.load(tiny_run / "checkpoint.pt", weights_only=False)["model"]

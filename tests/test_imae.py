@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from conftest import run_cli, run_torchrun
 
 import cli
 import common
@@ -339,16 +339,8 @@ def test_two_processes_pair_mix_and_train_exactly_as_one(tmp_path, name):
     every other index across the 2 processes (drop_last off); 69 images give them 35 and 34, so the last
     batches are 3 and 2 images, which gather_batch must pad and trim to the 1-process batch of 5; 65 give them 33
     and 32, so rank 0 has a last batch of 1 image and rank 1 none: it joins with an empty one (common.evaluate_loss)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     teacher = tmp_path / "mae.pt"
     write_mae_checkpoint(teacher)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "COLUMNS": "200"}
 
     def rows(run, key):
         lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -373,27 +365,7 @@ def test_two_processes_pair_mix_and_train_exactly_as_one(tmp_path, name):
     one, two = tmp_path / "one", tmp_path / "two"
     r = run_cli(*args, "--batch-size", 16, "--out", one, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        port,
-        "cli.py",
-        *args,
-        "--batch-size",
-        8,
-        "--out",
-        two,
-    ]
-    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    r = run_torchrun(*args, "--batch-size", 8, "--out", two)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("distilling from") == 1  # rank 0 alone reports
     a, b = rows(one, "loss"), rows(two, "loss")

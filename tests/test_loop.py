@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_torchrun
 
 import common
 
@@ -152,12 +151,6 @@ def ok(r):
     return r
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def alive(pid):
     """The child is running (not exited; a zombie, exited but not yet reaped, counts as ended)."""
     try:
@@ -223,33 +216,7 @@ def test_ddp_no_sync_accumulation_matches_one_process(accum_runs, tmp_path):
     """2 processes x 8 images x 2 micro-batches = the 32 images of one process's 16 x 2, step for step."""
     run, _ = accum_runs
     two = tmp_path / "two"
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "OMP_NUM_THREADS": "1",
-        "COLUMNS": "200",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        2,
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        free_port(),
-        "cli.py",
-        *BASE,
-        "--batch-size",
-        8,
-        "--accum-iter",
-        2,
-        "--out",
-        two,
-    ]
-    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env, check=False)
+    r = run_torchrun(*BASE, "--batch-size", 8, "--accum-iter", 2, "--out", two)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = losses(run["accum"]), losses(two)
     assert list(a) == list(b) == list(range(1, 9))

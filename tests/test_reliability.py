@@ -2,16 +2,14 @@
 (pre-training resumed after a kill, for every method: tests/test_loop.py)."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_torchrun
 
 import common
 import mae
@@ -25,41 +23,11 @@ def losses(run):
     return {row["step"]: row["loss"] for row in read_log(run) if "loss" in row}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     args = ("pretrain", "mae", "--preset", "tiny", "--epochs", 1, "--train-size", 128, "--log-every", 1)
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_cli(*args, "--batch-size", 16, "--out", one).returncode == 0
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "OMP_NUM_THREADS": "1",
-        "COLUMNS": "200",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "cli.py",
-        *map(str, args),
-        "--batch-size",
-        8,
-        "--out",
-        str(two),
-    ]
-    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    r = run_torchrun(*args, "--batch-size", 8, "--out", two)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("done: log") == 1  # rank 0 alone reports and writes
     a, b = losses(one), losses(two)
