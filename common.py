@@ -384,7 +384,7 @@ def epoch_steps(images, world, tcfg):
     per_step = tcfg.batch_size * tcfg.accum_iter * world
     if images // per_step == 0:
         raise ValueError(f"{images} training images are fewer than one step needs ({per_step}): lower --batch-size")
-    return images // world // (tcfg.batch_size * tcfg.accum_iter)
+    return images // per_step
 
 
 def train(
