@@ -148,12 +148,12 @@ VIT_SIZES = {  # ViT-Ti/S (DeiT), ViT-B/L/H (ViT paper), each with the official 
 PRESETS = {
     # seconds on a CPU: for tests and for trying a code change
     "tiny": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
-                 decoder_depth=1, decoder_num_heads=4, data="shapes", train_size=256, val_size=64,
+                 decoder_depth=1, decoder_num_heads=4, data="patterns", train_size=256, val_size=64,
                  batch_size=32, epochs=2, warmup_epochs=0, blr=1.5e-3, num_workers=0, log_every=1),
     # the default of every command: a short real run on the built-in data, a few minutes on a laptop CPU
-    "cpu": dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=128,
-                decoder_depth=2, decoder_num_heads=4, data="shapes", train_size=8192, val_size=1024,
-                batch_size=128, epochs=6, warmup_epochs=1, blr=1.5e-3, num_workers=1, log_every=8),
+    "cpu": dict(img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=128,
+                decoder_depth=2, decoder_num_heads=4, data="patterns", train_size=8192, val_size=1024,
+                batch_size=128, epochs=24, warmup_epochs=2, blr=1.5e-3, num_workers=1, log_every=8),
     # one GPU, hours: ViT-Tiny width on the 8x8 grid of 32-px CIFAR images
     "cifar": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128,
                   decoder_depth=4, decoder_num_heads=4, data="cifar10", batch_size=256, epochs=400,
@@ -273,10 +273,10 @@ def load_weights(model, state, source="the checkpoint"):
 
 @dataclasses.dataclass
 class TrainConfig:
-    data: str = "imagenet"  # shapes | fashion-mnist | cifar10 | cifar100 | tiny-imagenet | imagenet | folder
+    data: str = "imagenet"  # patterns | fashion-mnist | cifar10 | cifar100 | tiny-imagenet | imagenet | folder
     data_dir: str = "data"  # where data sets live; for imagenet / folder: the folder holding train/ and val/
     download: bool = False  # let torchvision download CIFAR / Fashion-MNIST into --data-dir
-    train_size: int = 0  # use N training images, a fixed random subset (0 = all; shapes: how many to draw)
+    train_size: int = 0  # use N training images, a fixed random subset (0 = all; patterns: how many to draw)
     val_size: int = 0  # use N held-out images for the per-epoch reconstruction loss (0 = all)
     epochs: int = 800  # MAE paper Sec. 4: 800 epochs for the ablations, 1600 for the best results
     warmup_epochs: int = 40  # MAE paper, Appendix A.1: 40 warm-up epochs

@@ -18,7 +18,7 @@ import torch
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DATASETS = {  # name: (channels, (mean, std)) of the normalisation
-    "shapes": (3, ((0.497, 0.504, 0.500), (0.264, 0.264, 0.266))),
+    "patterns": (3, ((0.500, 0.502, 0.500), (0.259, 0.259, 0.258))),
     "fashion-mnist": (1, ((0.2860,), (0.3530,))),
     "cifar10": (3, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
     "cifar100": (3, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
@@ -29,55 +29,79 @@ DATASETS = {  # name: (channels, (mean, std)) of the normalisation
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # apt install dataset-fashion-mnist
 
 
-class Shapes(torch.utils.data.Dataset):
-    """The built-in data set: one coloured shape (the class) on a striped, noisy background.
+def _field(label, u, v, p, r, theta):
+    """Pattern `label` at rotated, shifted pixel coordinates (u, v), period p (px); (r, theta): polar coordinates
+    about a random centre. Positive on the pattern's foreground, with about unit slope."""
+    tau = 2 * math.pi
+    a, b = tau * u / p, tau * v / p
+    if label == 0:  # stripes
+        return torch.sin(a)
+    if label == 1:  # checkerboard
+        return torch.sin(a) * torch.sin(b) * 2
+    if label == 2:  # dots on a square lattice
+        return torch.cos(a) + torch.cos(b) - 1.0
+    if label == 3:  # grid lines
+        return (torch.maximum(torch.cos(a), torch.cos(b)) - 0.75) * 3
+    if label == 4:  # dots on a hexagonal lattice
+        return sum(torch.cos(tau * (u * math.cos(t) + v * math.sin(t)) / p) for t in (0, tau / 6, tau / 3)) - 1.2
+    if label == 5:  # concentric rings
+        return torch.sin(tau * r / p)
+    if label == 6:  # zigzag stripes
+        return torch.sin(tau * (u + 0.6 * p * (1 - 2 * (v / p - torch.floor(v / p) - 0.5).abs())) / p)
+    if label == 7:  # wavy stripes
+        return torch.sin(a + 1.6 * torch.sin(b / 1.5))
+    if label == 8:  # bricks: mortar between rows of height p, the joints shifted by half a brick each row
+        row = torch.floor(v / p)
+        dv, du = (v / p - row - 0.5).abs(), ((u / (2 * p) + 0.5 * row) % 1.0 - 0.5).abs()  # 0.5 on the mortar
+        return (torch.maximum(dv, du) - 0.38) * -8
+    return torch.sin(8 * theta)  # 9: spokes around a centre
 
-    Drawn on the fly, so it needs no download, works at any image size, and is deterministic per
-    (split, index). Colour, stripes, size, position and rotation are random; only the form tells the
-    class, so a linear probe or kNN on learned features has something real to find.
+
+class Patterns(torch.utils.data.Dataset):
+    """The built-in data set: 10 classes of periodic patterns filling the image, drawn on the fly.
+
+    No download, any image size, deterministic per (split, index) and balanced (the label is index mod 10). Period
+    (18-30 % of the side), orientation, phase, the ground colour and the polarity are random and the same for every
+    class; only the layout of the pattern tells the class. A masked autoencoder must infer that layout from the
+    visible patches to fill in the hidden ones, while the random colour keeps kNN on raw pixels low (docs/learning.md).
     """
 
-    classes = ("circle", "square", "triangle", "ring", "cross", "star", "crescent", "ellipse")
+    classes = ("stripes", "checkerboard", "dots", "grid", "hex-dots", "rings", "zigzag", "waves", "bricks", "spokes")
 
     def __init__(self, split, size, img_size):
         self.size, self.img_size, self.split_bit = size, img_size, {"train": 0, "val": 1}[split]
-        t = (torch.arange(img_size) + 0.5) / img_size * 2 - 1  # pixel centres in [-1, 1]
+        t = torch.arange(img_size) + 0.5  # pixel centres
         self.y, self.x = torch.meshgrid(t, t, indexing="ij")
 
     def __len__(self):
         return self.size
 
-    @staticmethod
-    def signed_distance(label, u, v):  # < 0 inside the shape; u, v in units of the shape's radius
-        r, a = (u**2 + v**2).sqrt(), torch.atan2(v, u)
-        edges = [u * math.cos(t) + v * math.sin(t) for t in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
-        return [
-            r - 1,
-            torch.maximum(u.abs(), v.abs()) - 0.8,
-            torch.stack(edges).amax(0) - 0.5,
-            (r - 0.72).abs() - 0.28,
-            torch.minimum(torch.maximum(u.abs() - 1, v.abs() - 0.3), torch.maximum(u.abs() - 0.3, v.abs() - 1)),
-            r - (0.6 + 0.4 * torch.cos(5 * a)),
-            torch.maximum(r - 1, 0.8 - ((u - 0.55) ** 2 + v**2).sqrt()),
-            (u**2 + (v / 0.5) ** 2).sqrt() - 1,
-        ][label]
+    def render(self, index):
+        """Images (B, 3, H, W) in [0, 1] and labels (B,) of the int64 indices `index` (B,)."""
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        B, S, labels = len(index), self.img_size, index % len(self.classes)
+        g, seeds = torch.Generator(), (2 * index + self.split_bit).tolist()  # CPU generators use 32 bits of a seed
+        rnd = torch.stack([torch.rand(10, 1, 1, generator=g.manual_seed(s)) for s in seeds])  # (B, 10, 1, 1)
+        p, rot = (0.18 + 0.12 * rnd[:, 0]) * S, rnd[:, 1] * 2 * math.pi  # period in pixels, orientation
+        dx, dy = self.x - (rnd[:, 2] * 2 - 0.5) * S, self.y - (rnd[:, 3] * 2 - 0.5) * S  # (B, H, W), origin maybe off
+        u, v = dx * rot.cos() + dy * rot.sin(), -dx * rot.sin() + dy * rot.cos()
+        ex, ey = self.x - (0.15 + 0.7 * rnd[:, 8]) * S, self.y - (0.15 + 0.7 * rnd[:, 9]) * S  # a centre in the image
+        r, theta = (ex**2 + ey**2).sqrt(), torch.atan2(ey, ex) + rot
+        f = torch.empty(B, S, S)
+        for k in range(len(self.classes)):
+            sel = labels == k
+            f[sel] = _field(k, u[sel], v[sel], p[sel], r[sel], theta[sel])
+        alpha = (0.5 + 2.5 * f).clamp(0, 1)[:, None]  # (B, 1, H, W): soft edges
+        sign = (rnd[:, 4:5] < 0.5).float() * 2 - 1  # (B, 1, 1, 1), +1: the pattern brighter than the ground
+        ground = rnd[:, 5:8] * 0.6 + (sign < 0).float() * 0.4  # (B, 3, 1, 1): a random colour, room for +-0.4
+        return (ground + sign * 0.4 * alpha).clamp(0, 1), labels  # the pattern 0.4 from it on the grey axis
+
+    def __getitems__(self, indices):  # a DataLoader's batch in one call
+        images, labels = self.render(indices)
+        return list(zip(images, labels.tolist()))
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed(2 * i + self.split_bit)  # CPU generators use only 32 bits of a seed
-        label = i % len(self.classes)
-        rand = torch.rand(8, generator=g)
-        c1, c2 = torch.rand(3, 1, 1, generator=g), torch.rand(3, 1, 1, generator=g)
-        angle, freq, phase = rand[0] * math.pi, 1 + 5 * rand[1], 2 * math.pi * rand[2]
-        wave = 0.5 + 0.5 * torch.sin(freq * math.pi * (self.x * angle.cos() + self.y * angle.sin()) + phase)
-        img = c1 * wave + c2 * (1 - wave) + 0.06 * torch.randn(3, self.img_size, self.img_size, generator=g)
-        # the shape's colour is 0.3 to 0.7 away (mod 1) from the background's mean in every channel
-        colour = (0.5 * (c1 + c2) + 0.3 + 0.4 * torch.rand(3, 1, 1, generator=g)) % 1.0
-        cx, cy, scale, rot = (rand[3] - 0.5) * 0.7, (rand[4] - 0.5) * 0.7, 0.35 + 0.3 * rand[5], 2 * math.pi * rand[6]
-        dx, dy = self.x - cx, self.y - cy
-        u, v = (dx * rot.cos() + dy * rot.sin()) / scale, (-dx * rot.sin() + dy * rot.cos()) / scale
-        pixels = self.signed_distance(label, u, v) * scale * self.img_size / 2  # distance in pixels
-        alpha = (0.5 - pixels).clamp(0, 1)  # (H, W), anti-aliased over one pixel
-        return (img * (1 - alpha) + colour * alpha).clamp(0, 1), label
+        return self.__getitems__([i])[0]
 
 
 def _read_idx(path):
@@ -193,8 +217,8 @@ def load_dataset(name, split, root="data", size=0, img_size=32, download=False):
     `size` items (every class represented). Missing or malformed data raise a ValueError saying what was expected."""
     root = Path(root)
     channels(name)
-    if name == "shapes":
-        return Shapes(split, size or {"train": 50_000, "val": 10_000}[split], img_size)
+    if name == "patterns":
+        return Patterns(split, size or {"train": 50_000, "val": 10_000}[split], img_size)
     if name in ("fashion-mnist", "cifar10", "cifar100"):
         ds = _fashion_mnist(split, root, download) if name == "fashion-mnist" else _cifar(name, split, root, download)
     else:

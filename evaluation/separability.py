@@ -49,7 +49,7 @@ def run(source, s, find_method, console):
     """The separability command: RUN's encoder (and the --reference's) loaded with evaluate.load_model, measured
     beside the pixel floor on the first --images held-out images of its data; a table or JSON printed."""
     model, info = evaluate.load_model(source, find_method, "mae", s.random_init, s.seed)  # mae: official checkpoints
-    cfg, train = info["config"], {"data": "shapes", "data_dir": "", **info["train"]}
+    cfg, train = info["config"], {"data": "patterns", "data_dir": "", **info["train"]}
     dataset = data_sets.load_dataset(train["data"], "val", train["data_dir"], s.images, cfg.img_size)
     if len(dataset) < 4:
         raise ValueError(f"separability needs at least 4 held-out images, {train['data']} has {len(dataset)}")

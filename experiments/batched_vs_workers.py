@@ -31,8 +31,8 @@ args = parser.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
 cfg, _ = cli.resolve(mae, "cpu", None, {})
-tcfg = common.TrainConfig(data="shapes", batch_size=128, num_workers=1)
-train_set = data_sets.load_dataset("shapes", "train", "data", 8192, cfg.img_size)
+tcfg = common.TrainConfig(data="patterns", batch_size=128, num_workers=1)
+train_set = data_sets.load_dataset("patterns", "train", "data", 8192, cfg.img_size)
 rates = {}
 for path, env in (("workers", "1"), ("batched", "0")):
     os.environ["MIM_WORKER_DATA"] = env

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU results of README.md#results for one method: pre-train on the built-in shapes data and on
+# The CPU results of README.md#results for one method: pre-train on the built-in patterns data and on
 # Fashion-MNIST with seeds 0, 1, 2 (the same short budget for every method), evaluate every encoder and a
 # random-init encoder of the same architecture with knn and linprobe, then print the table.
 #
@@ -14,7 +14,7 @@ out=${2:-runs/results}
 # the tiny preset's model (64-d x 2, patch 8, 32 px) for 8 epochs of 4,096 images: 256 steps of 128 images,
 # a few minutes per run on a busy 2-core machine; the evaluations use the same 4,096 / 1,024 images
 budget=(--preset tiny --epochs 8 --warmup-epochs 1 --train-size 4096 --val-size 1024 --batch-size 128 --log-every 8)
-for data in ${DATASETS:-shapes fashion-mnist}; do  # DATASETS="shapes" bash ... redoes one data set
+for data in ${DATASETS:-patterns fashion-mnist}; do  # DATASETS="patterns" bash ... redoes one data set
   for seed in 0 1 2; do
     run=$out/$method-$data-s$seed
     if [ -f "$run/checkpoint.pt" ]; then again=--resume; else again=--overwrite; fi

@@ -1,11 +1,11 @@
-"""The prepared GPU check of issue 15: at most 8 minutes on one GPU, no download (built-in `shapes` data only).
+"""The prepared GPU check of issue 15: at most 8 minutes on one GPU, no download (built-in `patterns` data only).
 
     python experiments/gpu_check.py                     # on the GPU machine
     GPU_CHECK_SMALL=1 python experiments/gpu_check.py   # the same steps, reduced (tiny preset, few steps): a CPU test
 
 It measures, each with `python cli.py bench` or `pretrain` as a user runs them: MAE ViT-B/16 at 224 px (`--preset
 imagenet`) images/s, MFU and peak GPU memory, eager and compiled; the cifar preset's images/s, eager and compiled;
-the cifar preset's data loader alone on `shapes` (`bench --data shapes`); and a 20-step pre-training run on `shapes`,
+the cifar preset's data loader alone on `patterns` (`bench --data patterns`); and a 20-step pre-training run on `patterns`,
 eager and compiled, whose losses in log.jsonl must agree within bf16 tolerance (rtol 2e-2). The report is printed,
 and written to $OUT/gpu_check.txt (with every figure in $OUT/gpu_check.json) when OUT is set. Exit status 1 if a
 command fails or the losses disagree."""
@@ -96,18 +96,18 @@ if __name__ == "__main__":
             label = f"{name} ({preset}), batch {batch}, {mode}"
             FIGURES[label] = bench("mae", preset, batch, extra)
             say(row_line(label, FIGURES[label]))
-    label = f"data loader alone, shapes, {CIFAR} preset"
-    FIGURES[label] = json.loads(cli(f"bench mae --preset {CIFAR} --data shapes --json"))
+    label = f"data loader alone, patterns, {CIFAR} preset"
+    FIGURES[label] = json.loads(cli(f"bench mae --preset {CIFAR} --data patterns --json"))
     r = FIGURES[label]
     say(f"{label} (batch {r['batch_size']}, {r['num_workers']} workers): {r['images_per_s']:.0f} img/s")
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
         for mode, extra in (("eager", ""), ("compiled", "--compile")):
-            cli(f"pretrain mae --preset {CIFAR} --data shapes {PRETRAIN} --log-every 1 --out {tmp}/{mode} {extra}")
+            cli(f"pretrain mae --preset {CIFAR} --data patterns {PRETRAIN} --log-every 1 --out {tmp}/{mode} {extra}")
             runs[mode] = losses(f"{tmp}/{mode}")
     worst, ok = compare(runs["eager"], runs["compiled"])
     FIGURES["pretrain losses"] = runs | {"worst_relative_difference": worst, "rtol": RTOL}
-    steps = f"pre-training on shapes, {len(runs['eager'])} steps"
+    steps = f"pre-training on patterns, {len(runs['eager'])} steps"
     say(f"{steps}, eager vs compiled: worst relative loss difference {worst:.2e} (rtol {RTOL:g})")
     if time.perf_counter() - START > 480 and not SMALL:
         say("note: over the 8-minute budget of the check")

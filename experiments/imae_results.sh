@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/results}
-for data in ${DATASETS:-shapes fashion-mnist}; do
+for data in ${DATASETS:-patterns fashion-mnist}; do
   for seed in 0 1 2; do
     mae=$out/mae-$data-s$seed
     for run in mae i-mae random; do
@@ -25,7 +25,7 @@ for data in ${DATASETS:-shapes fashion-mnist}; do
     done
   done
 done
-python - "$out/separability" ${DATASETS:-shapes fashion-mnist} <<'PY'
+python - "$out/separability" ${DATASETS:-patterns fashion-mnist} <<'PY'
 import json, statistics, sys
 from pathlib import Path
 folder, datasets = Path(sys.argv[1]), sys.argv[2:]

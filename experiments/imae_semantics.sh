@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/learning}
-data=${DATA:-shapes}
+data=${DATA:-patterns}
 for seed in ${SEEDS:-0 1 2}; do
   mae=$out/mae-$data-s$seed
   for p in 0 0.5 1; do

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 method=${1:?usage: bash experiments/learning.sh METHOD [OUT]}
 out=${2:-runs/learning}
-data=${DATA:-shapes}
+data=${DATA:-patterns}
 extra=()  # i-MAE distils from the MAE run of the same data and seed: run `bash experiments/learning.sh mae` first
 for seed in ${SEEDS:-0 1 2}; do
   run=$out/$method-$data-s$seed

@@ -3,7 +3,7 @@
     python experiments/pr_mim_table2.py --seeds 0 1 2                   # train what is missing, then evaluate
     python experiments/pr_mim_table2.py --epochs 4 --train-size 4096    # a shorter budget (its own run folders)
 
-Each row is `python cli.py pretrain pr-mim ROW-OPTIONS --seed S` on the built-in shapes data with the
+Each row is `python cli.py pretrain pr-mim ROW-OPTIONS --seed S` on the built-in patterns data with the
 default `cpu` preset (runs already finished in --out are reused). Every checkpoint is then evaluated
 on the same 1,024 held-out images with the same masks:
 - loss, full decoder: norm-pix MSE on ALL masked tokens with nothing thrown (the decoder sees every
@@ -83,8 +83,8 @@ def train(run, options, seed, epochs, train_size):
 
 
 def images(split, size, img_size=32):
-    data = data_sets.load_dataset("shapes", split, size=size, img_size=img_size)
-    tf = data_sets.transform("shapes", img_size, False)
+    data = data_sets.load_dataset("patterns", split, size=size, img_size=img_size)
+    tf = data_sets.transform("patterns", img_size, False)
     pairs = [data[i] for i in range(size)]
     return torch.stack([tf(img) for img, _ in pairs]), torch.tensor([label for _, label in pairs])
 

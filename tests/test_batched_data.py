@@ -21,9 +21,9 @@ CPU = torch.device("cpu")
 
 def shapes_loader(n=64, batch_size=8, rank=0, world=1, img_size=16, **kwargs):
     cfg, _ = cli.resolve(mae, "tiny", None, {"img_size": img_size, "patch_size": 4})
-    ds = data_sets.load_dataset("shapes", "train", "data", n, img_size)
+    ds = data_sets.load_dataset("patterns", "train", "data", n, img_size)
     inputs = functools.partial(mae.sample_inputs, cfg)
-    return data_sets.pretrain_loader(ds, "shapes", img_size, inputs, 3, batch_size, 0, CPU, rank, world, **kwargs)
+    return data_sets.pretrain_loader(ds, "patterns", img_size, inputs, 3, batch_size, 0, CPU, rank, world, **kwargs)
 
 
 def by_key(loader, sampler, epoch, start=0):
@@ -104,7 +104,7 @@ def test_resized_crops_are_torchvisions_resized_crop_bicubic_antialias_and_flip(
         torch.testing.assert_close(out, ref.clamp(0, 1), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("data", ["shapes", "fashion-mnist"])
+@pytest.mark.parametrize("data", ["patterns", "fashion-mnist"])
 def test_whole_unflipped_crops_are_the_normalised_images(data):
     channels, (mean, std) = data_sets.DATASETS[data]
     images = torch.randint(
@@ -131,7 +131,7 @@ def test_in_memory_data_is_batched_and_files_or_mim_worker_data_use_the_workers(
         (files, False),
         (fashion, True),
         (subset, True),
-        (data_sets.load_dataset("shapes", "val", size=8, img_size=8), True),
+        (data_sets.load_dataset("patterns", "val", size=8, img_size=8), True),
     ):
         loader, sampler = data_sets.pretrain_loader(ds, "fashion-mnist", 8, None, 0, 2, 0, CPU)
         assert isinstance(loader, data_sets.BatchedLoader) == batched and loader.sampler is sampler

@@ -251,7 +251,7 @@ def test_cli_bench_data_measures_the_loader_alone():
         "--preset",
         "tiny",
         "--data",
-        "shapes",
+        "patterns",
         "--num-workers",
         1,
         "--batches",
@@ -262,7 +262,7 @@ def test_cli_bench_data_measures_the_loader_alone():
     wall = time.perf_counter() - tick
     assert result.returncode == 0, result.stderr + result.stdout
     row = json.loads(result.stdout)
-    assert row["data"] == "shapes" and row["batch_size"] == 32 and row["num_workers"] == 1  # the preset's batch
+    assert row["data"] == "patterns" and row["batch_size"] == 32 and row["num_workers"] == 1  # the preset's batch
     assert row["batches"] == 3 and row["warmup_batches"] == 2  # 2 per worker are not timed
     assert row["images"] == 256 and row["img_size"] == 32  # the tiny preset's training set and size
     assert 0 < row["seconds"] < wall and row["images_per_s"] > 3 * 32 / wall
@@ -278,7 +278,7 @@ def test_loader_throughput_times_the_pretraining_loaders_batches_after_the_warmu
     within 25% for the overhead between batches; the batches bench pulls are the loader's augmented images, with
     the method's masks, across an epoch boundary (64 images, batch 32: 2 batches an epoch)."""
     cfg, _ = cli.resolve(mae, "tiny", None, {})
-    train_set = data_sets.load_dataset("shapes", "train", "data", 64, cfg.img_size)
+    train_set = data_sets.load_dataset("patterns", "train", "data", 64, cfg.img_size)
     real_loader, pulled, warmup, timed = data_sets.pretrain_loader, [], 2, 3
 
     class Slowed:  # the loader, each batch `delay` seconds later; records what was pulled and how long it took
@@ -304,13 +304,13 @@ def test_loader_throughput_times_the_pretraining_loaders_batches_after_the_warmu
         return Slowed(loader), sampler
 
     monkeypatch.setattr(data_sets, "pretrain_loader", slowed_pretrain_loader)
-    tcfg = common.TrainConfig(data="shapes", batch_size=32, num_workers=0)
+    tcfg = common.TrainConfig(data="patterns", batch_size=32, num_workers=0)
     result = bench.loader_throughput(train_set, cfg, tcfg, lambda g: mae.sample_inputs(cfg, g), timed, warmup, "cpu")
     assert len(pulled) == warmup + timed  # exactly the warm-up and the timed batches were drawn
     expected = timed * 32 / sum(seconds for _, seconds in pulled[warmup:])
     assert expected / 1.25 < result["images_per_s"] <= expected * 1.001, (result, expected)
     assert result["images_per_s"] * result["seconds"] == pytest.approx(timed * 32)
-    evaluation = data_sets.transform("shapes", cfg.img_size, False)
+    evaluation = data_sets.transform("patterns", cfg.img_size, False)
     plain = torch.stack([evaluation(train_set[i][0]) for i in range(len(train_set))])  # (64, 3, 32, 32), un-augmented
     for (imgs, labels, inputs), _ in pulled:
         assert imgs.shape == (32, 3, 32, 32) and labels.shape == (32,) and inputs["noise"].shape == (32, 16)

@@ -123,7 +123,7 @@ CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: 
     ),
     (
         "bench-zero-batches",
-        ("bench", "mae", "--preset", "tiny", "--data", "shapes", "--batches", 0),
+        ("bench", "mae", "--preset", "tiny", "--data", "patterns", "--batches", 0),
         "--batches must be at least 1",
         2,
     ),

@@ -104,8 +104,8 @@ def knn_results(tiny_run, cli_run):
 
 
 def test_knn_cli_and_random_init(knn_results):
-    trained = read_result(knn_results / "knn-shapes-s0")
-    floor = read_result(knn_results / "knn-random-init-shapes-s1")
+    trained = read_result(knn_results / "knn-patterns-s0")
+    floor = read_result(knn_results / "knn-random-init-patterns-s1")
     assert trained["metrics"]["val_images"] == 32 and trained["metrics"]["train_images"] == 64
     assert 0 <= trained["metrics"]["top1"] <= trained["metrics"]["top5"] <= 1
     assert trained["pretraining"].startswith("1 ep x 256 img") and floor["pretraining"] == "none (random init)"
@@ -315,20 +315,20 @@ def test_visualize_cli_writes_png_of_the_right_size(tiny_run, tmp_path, cli_run)
 def test_visualize_masks_are_seedable_and_norm_pix_is_labelled():
     torch.manual_seed(0)
     model = mae.MAE(mae.Config(**TINY, in_chans=3))
-    data = data_sets.load_dataset("shapes", "val", size=4, img_size=32)
+    data = data_sets.load_dataset("patterns", "val", size=4, img_size=32)
     draw = cli.bound_inputs(mae, model.cfg)
-    cols0, note = evaluate.reconstructions(model, data, "shapes", 32, draw, n=4, seed=0)
-    cols0b, _ = evaluate.reconstructions(model, data, "shapes", 32, draw, n=4, seed=0)
-    cols1, _ = evaluate.reconstructions(model, data, "shapes", 32, draw, n=4, seed=1)
+    cols0, note = evaluate.reconstructions(model, data, "patterns", 32, draw, n=4, seed=0)
+    cols0b, _ = evaluate.reconstructions(model, data, "patterns", 32, draw, n=4, seed=0)
+    cols1, _ = evaluate.reconstructions(model, data, "patterns", 32, draw, n=4, seed=1)
     assert torch.equal(cols0[1][1], cols0b[1][1]) and not torch.equal(cols0[1][1], cols1[1][1])
     assert "TRUE mean and std" in note  # norm_pix_loss is on: de-normalised with the true statistics
-    _, raw_note = evaluate.reconstructions(model, data, "shapes", 32, draw, n=4, seed=0, norm_pix="raw")
+    _, raw_note = evaluate.reconstructions(model, data, "patterns", 32, draw, n=4, seed=0, norm_pix="raw")
     assert "normalised space" in raw_note
     # the columns against a mask the test chooses: every image keeps the 4 patches of least noise (mask ratio
     # 0.75), here patches 1, 4, 6 and 15 of the 4 x 4 grid of 8-px patches (row-major)
     noise = torch.ones(16)
     noise[[1, 4, 6, 15]] = 0
-    columns, _ = evaluate.reconstructions(model, data, "shapes", 32, lambda g: {"noise": noise}, n=4)
+    columns, _ = evaluate.reconstructions(model, data, "patterns", 32, lambda g: {"noise": noise}, n=4)
     (label, original), (_, masked), (_, recon), (_, pasted) = columns[:4]
     assert label == "original" and columns[1][0] == "masked (75%)"
     visible = torch.zeros(32, 32, dtype=torch.bool)
@@ -345,7 +345,7 @@ def test_visualize_masks_are_seedable_and_norm_pix_is_labelled():
 
 def test_boolean_inputs_are_drawn_as_an_overlay():
     model = mae.MAE(mae.Config(**TINY))
-    data = data_sets.load_dataset("shapes", "val", size=2, img_size=32)
+    data = data_sets.load_dataset("patterns", "val", size=2, img_size=32)
 
     thrown = torch.zeros(16, dtype=torch.bool)
     thrown[[1, 2]] = True  # patches 1 and 2: the first row, second and third columns
@@ -354,7 +354,7 @@ def test_boolean_inputs_are_drawn_as_an_overlay():
         return {**mae.sample_inputs(model.cfg, generator), "thrown": thrown}
 
     model.forward = lambda imgs, noise, thrown: mae.MAE.forward(model, imgs, noise=noise)
-    columns, _ = evaluate.reconstructions(model, data, "shapes", 32, draw, n=2)
+    columns, _ = evaluate.reconstructions(model, data, "patterns", 32, draw, n=2)
     assert [c[0] for c in columns][-1] == "thrown (red)" and len(columns) == 5
     masked, overlay = columns[1][1], columns[-1][1]
     where = torch.zeros(32, 32, dtype=torch.bool)
@@ -444,7 +444,7 @@ def test_official_encoder_only_checkpoint(tmp_path, cli_run):
     assert info["official"] and loaded.cfg.embed_dim == 192 and loaded.cfg.num_heads == 3 and loaded.cfg.depth == 2
     imgs = torch.randn(2, 3, 32, 32)
     assert torch.allclose(loaded.eval().forward_features(imgs), ours.eval().forward_features(imgs), atol=1e-6)
-    r = cli_run("knn", tmp_path / "official.pth", "--data", "shapes", *FAST, "--out", tmp_path / "knn")
+    r = cli_run("knn", tmp_path / "official.pth", "--data", "patterns", *FAST, "--out", tmp_path / "knn")
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads((tmp_path / "knn" / "result.json").read_text())["pretraining"] == "official checkpoint"
     full = official_checkpoint(tmp_path / "full.pth", full=True)  # official *_full.pth: with the decoder
@@ -452,7 +452,7 @@ def test_official_encoder_only_checkpoint(tmp_path, cli_run):
     assert loaded.cfg.decoder_depth == 1 and loaded.cfg.decoder_embed_dim == 64 and loaded.cfg.norm_pix_loss is True
     noise = torch.rand(2, 16)
     assert torch.equal(loaded.eval()(imgs, noise=noise)[1], full.eval()(imgs, noise=noise)[1])
-    r = cli_run("visualize", tmp_path / "official.pth", "--data", "shapes", *FAST)
+    r = cli_run("visualize", tmp_path / "official.pth", "--data", "patterns", *FAST)
     assert (
         r.returncode == 2 and "lacks weights of the whole model" in r.stderr and "Traceback" not in r.stdout + r.stderr
     )
@@ -487,16 +487,16 @@ def fake_result(method, data, seed, top1, random_init=False, command="knn"):
 
 
 def test_results_table_and_readme(tmp_path):
-    found = [fake_result("mae", "shapes", s, t) for s, t in enumerate([0.5, 0.6, 0.7])]
-    found += [fake_result("mae", "shapes", s, 0.2, random_init=True) for s in range(3)]
+    found = [fake_result("mae", "patterns", s, t) for s, t in enumerate([0.5, 0.6, 0.7])]
+    found += [fake_result("mae", "patterns", s, 0.2, random_init=True) for s in range(3)]
     text = results.table(found)
     assert (
-        "| mae | shapes | 0.10M params, 32 px | 4 ep x 4,096 img | kNN k=20, T=0.07 | 60.0 ± 10.0 | 20.0 ± 0.0 | 3 (0, 1, 2) | 2.0 min | 1.0 min | test machine |"  # noqa: E501
+        "| mae | patterns | 0.10M params, 32 px | 4 ep x 4,096 img | kNN k=20, T=0.07 | 60.0 ± 10.0 | 20.0 ± 0.0 | 3 (0, 1, 2) | 2.0 min | 1.0 min | test machine |"  # noqa: E501
         in text
     )
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{results.BEGIN}\nold\n{results.END}\noutro\n")
-    other = [fake_result("simmim", "shapes", 0, 0.9)]
+    other = [fake_result("simmim", "patterns", 0, 0.9)]
     results.update_readme(readme, other)
     results.update_readme(readme, found)  # adding a method keeps the rows of the other
     body = readme.read_text()
@@ -510,7 +510,7 @@ def test_results_tool_reads_result_folders(knn_results, tmp_path):
         [sys.executable, "experiments/results.py", knn_results], cwd=ROOT, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    for name in ("knn-shapes-s0", "knn-random-init-shapes-s1"):  # one row: the trained number beside its floor
+    for name in ("knn-patterns-s0", "knn-random-init-patterns-s1"):  # one row: the trained number beside its floor
         top1 = json.loads((knn_results / name / "result.json").read_text())["metrics"]["top1"]
         assert f"| {100 * top1:.1f} |" in r.stdout
     with pytest.raises(ValueError, match="does not exist"):
@@ -522,7 +522,7 @@ def test_random_init_encoder_evaluates_worse_than_a_briefly_trained_one(tmp_path
     """The evaluation must see training. The briefly trained encoder here is trained for 150 steps with
     labels (the fastest way to give a tiny ViT real features on CPU; see README.md#results for what a
     short MAE gives); both are saved as checkpoints of ours and go through knn and linprobe. Fashion-MNIST,
-    because on `shapes` 150 steps on 512 images learn next to nothing that holds on held-out images."""
+    because on `patterns` 150 steps on 512 images learn next to nothing that holds on held-out images."""
     import dataclasses
     import io
 
@@ -610,8 +610,8 @@ def test_knn_and_linprobe_on_raw_pixels(tiny_run, cli_run, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     result = read_result(tmp_path / "knn")
     assert result["method"] == "raw pixels" and result["encoder"].startswith("3,072 values")
-    tf = data_sets.transform("shapes", 32, train=False)
-    splits = [data_sets.load_dataset("shapes", s, size=n, img_size=32) for s, n in (("train", 256), ("val", 64))]
+    tf = data_sets.transform("patterns", 32, train=False)
+    splits = [data_sets.load_dataset("patterns", s, size=n, img_size=32) for s, n in (("train", 256), ("val", 64))]
     (train_x, train_y), (val_x, val_y) = [
         (
             torch.stack([tf(ds[i][0]).flatten() for i in range(len(ds))]),

@@ -83,9 +83,9 @@ def test_every_evaluation_command_runs_on_a_fork_from_its_checkpoint(fork_run):
         timeout=600,
     )
     assert knn.returncode == 0, knn.stdout + knn.stderr
-    result = json.loads((run / "eval" / "knn-shapes-s0" / "result.json").read_text())
+    result = json.loads((run / "eval" / "knn-patterns-s0" / "result.json").read_text())
     assert result["method"] == "my_idea" and 0 <= result["metrics"]["top1"] <= 1
-    assert (run / "eval" / "knn-shapes-s0" / "code" / "pretrain" / "my_idea.py").read_text() == source
+    assert (run / "eval" / "knn-patterns-s0" / "code" / "pretrain" / "my_idea.py").read_text() == source
     commands = {
         "linprobe": ("--epochs", 2, "--warmup-epochs", 0, "--num-workers", 0),
         "finetune": ("--epochs", 1, "--num-workers", 0),
@@ -99,8 +99,8 @@ def test_every_evaluation_command_runs_on_a_fork_from_its_checkpoint(fork_run):
         assert r.returncode == 0, (command, r.stdout + r.stderr)
         assert "decoy" not in r.stdout + r.stderr
     for command in ("linprobe", "finetune"):
-        assert json.loads((run / "eval" / f"{command}-shapes-s0" / "result.json").read_text())["method"] == "my_idea"
-    assert (run / "reconstructions-shapes-val-s0.png").stat().st_size > 0
+        assert json.loads((run / "eval" / f"{command}-patterns-s0" / "result.json").read_text())["method"] == "my_idea"
+    assert (run / "reconstructions-patterns-val-s0.png").stat().st_size > 0
     assert (run / "encoder_timm.pth").stat().st_size > 0 and "the my_idea encoder" in outcomes["export"].stdout
     assert "my_idea trained" in outcomes["separability"].stdout
 

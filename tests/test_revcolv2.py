@@ -134,7 +134,7 @@ def test_reversible_backward_recomputes_under_the_forward_autocast():
 
 
 def test_short_run_gives_identical_losses_in_both_modes():
-    data = data_sets.Shapes("train", 32, 16)
+    data = data_sets.Patterns("train", 32, 16)
     imgs = torch.stack([data[i][0] for i in range(32)])
     noise = torch.rand(4, 8, 16, generator=torch.Generator().manual_seed(0))
     losses = {}

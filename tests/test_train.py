@@ -66,7 +66,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
         decoder_num_heads=2,
     )
     tcfg = common.TrainConfig(
-        data="shapes",
+        data="patterns",
         train_size=64,
         val_size=16,
         batch_size=16,
