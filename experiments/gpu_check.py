@@ -5,7 +5,7 @@
 
 It measures, each with `python cli.py bench` or `pretrain` as a user runs them: MAE ViT-B/16 at 224 px (`--preset
 imagenet`) images/s, MFU and peak GPU memory, eager and compiled; the cifar preset's images/s, eager and compiled;
-the cifar preset's data loader alone on `patterns` (`bench --data patterns`); and a 20-step pre-training run on `patterns`,
+the cifar preset's data loader alone on `patterns` (`bench --data patterns`); and a 20-step pre-training run on it,
 eager and compiled, whose losses in log.jsonl must agree within bf16 tolerance (rtol 2e-2). The report is printed,
 and written to $OUT/gpu_check.txt (with every figure in $OUT/gpu_check.json) when OUT is set. Exit status 1 if a
 command fails or the losses disagree."""
