@@ -322,7 +322,7 @@ class BatchedLoader:
     ~20 us a sample. Unlike transform(): float weights, not uint8's fixed-point ones, and no rounding to uint8 after
     the resize; the built-in data set is rounded to uint8 once, and clamped to [0, 1] after it as uint8 data are."""
 
-    scale, ratio, flip = (0.2, 1.0), (3 / 4, 4 / 3), 0.5
+    scale, ratio, flip, drop_last = (0.2, 1.0), (3 / 4, 4 / 3), 0.5, True
 
     def __init__(self, images, labels, data, img_size, sample_inputs, seed, batch_size, sampler, device):
         self.images, self.labels, self.sampler, self.device = images.to(device), labels.to(device), sampler, device
@@ -330,11 +330,11 @@ class BatchedLoader:
         self.mean, self.std = (torch.tensor(s, device=device).view(-1, 1, 1) for s in DATASETS[data][1])
 
     def __len__(self):
-        return len(self.sampler) // self.batch_size
+        return (len(self.sampler) + (0 if self.drop_last else self.batch_size - 1)) // self.batch_size
 
     def __iter__(self):
         keys = list(self.sampler)
-        for b in range(len(keys) // self.batch_size):
+        for b in range(len(self)):
             yield self.batch(keys[b * self.batch_size : (b + 1) * self.batch_size])
 
     def crops(self, draws):
@@ -387,6 +387,12 @@ def pretrain_loaders(tcfg, img_size, sample_inputs, device, rank=0, world=1):
     val_set = load_dataset(tcfg.data, "val", tcfg.data_dir, tcfg.val_size, img_size, tcfg.download)
     settings = (tcfg.seed, tcfg.batch_size, tcfg.num_workers, device, rank, world)
     loader = pretrain_loader(train_set, tcfg.data, img_size, sample_inputs, *settings)[0]
+    val_sampler = EpochSampler(len(val_set), False, rank=rank, world=world)  # in order, every image
+    if isinstance(loader, BatchedLoader):  # on the device too: the whole image (a crop of scale 1), unflipped, all kept
+        val, _ = pretrain_loader(
+            val_set, tcfg.data, img_size, sample_inputs, tcfg.seed + 1, *settings[1:], batched=True
+        )
+        val.sampler, val.scale, val.flip, val.drop_last = val_sampler, (1.0, 1.0), 0.0, False
+        return loader, val
     val_data = SeededDataset(val_set, transform(tcfg.data, img_size, False), sample_inputs, tcfg.seed + 1)
-    val_sampler = EpochSampler(len(val_set), False, rank=rank, world=world)
     return loader, make_loader(val_data, tcfg.batch_size, val_sampler, min(tcfg.num_workers, 2), False, device)

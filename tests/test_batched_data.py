@@ -13,6 +13,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 import cli
+import common
 import data_sets
 import mae
 
@@ -139,6 +140,22 @@ def test_in_memory_data_is_batched_and_files_or_mim_worker_data_use_the_workers(
     assert isinstance(
         data_sets.pretrain_loader(fashion, "fashion-mnist", 8, None, 0, 2, 0, CPU)[0].dataset.base, type(fashion)
     )
+
+
+def test_the_held_out_loader_of_in_memory_data_is_every_image_in_order_with_the_worker_paths_masks(monkeypatch):
+    """Batched held-out images: all of them (the last, partial batch too), in order, unaugmented, with the masks the
+    worker path draws; their pixels differ from it only by the built-in images' rounding to uint8 (0.5 / 255)."""
+    cfg, _ = cli.resolve(mae, "tiny", None, {"img_size": 16, "patch_size": 4})
+    tcfg = common.TrainConfig(data="patterns", train_size=16, val_size=20, batch_size=8, num_workers=0)
+    inputs = functools.partial(mae.sample_inputs, cfg)
+    batched = list(data_sets.pretrain_loaders(tcfg, 16, inputs, CPU)[1])
+    monkeypatch.setenv("MIM_WORKER_DATA", "1")
+    workers = list(data_sets.pretrain_loaders(tcfg, 16, inputs, CPU)[1])
+    assert [len(b[0]) for b in batched] == [len(b[0]) for b in workers] == [8, 8, 4]
+    for (a, labels, masks), (b, truth, expected) in zip(batched, workers):
+        assert torch.equal(labels, truth) and torch.equal(masks["noise"], expected["noise"])
+        std = torch.tensor(data_sets.DATASETS["patterns"][1][1]).view(-1, 1, 1)
+        torch.testing.assert_close(a * std, b * std, atol=0.5 / 255 + 1e-6, rtol=0)
 
 
 def losses(out):
