@@ -204,7 +204,7 @@ def pretrain(ctx: typer.Context):
     loader, val_loader = data_sets.pretrain_loaders(tcfg, cfg.img_size, sample_inputs, device, rank, world)
 
     def picture(model, path, title):  # --vis-every: reconstructions of the first held-out images; path on rank 0
-        val_set, seed = val_loader.dataset.base, tcfg.seed
+        val_set, seed = data_sets.load_dataset(tcfg.data, "val", tcfg.data_dir, tcfg.val_size, cfg.img_size), tcfg.seed
         columns, note = evaluate.reconstructions(model, val_set, tcfg.data, cfg.img_size, sample_inputs, seed=seed)
         if path:
             evaluate.save_grid(columns, path, f"{title} {note}; masks seed {seed}")

@@ -258,7 +258,7 @@ def test_finetune_cli_with_ema(tiny_run, tmp_path, cli_run):
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["model_config"]["drop_path"] == 0.1
     # the fine-tuned encoder is a checkpoint of ours: the other evaluations read it
     model, info = evaluate.load_model(tmp_path / "ft", cli.method_of)
-    assert info["ckpt"]["head"]["head"]["weight"].shape == (8, model.cfg.embed_dim)
+    assert info["ckpt"]["head"]["head"]["weight"].shape == (10, model.cfg.embed_dim)
     assert evaluate.pretraining_summary(info)[0].startswith("fine-tuned 2 ep")
 
 
