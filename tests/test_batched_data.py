@@ -162,6 +162,7 @@ def losses(out):
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r}
 
 
+@pytest.mark.slow  # 20 s; test_loop's five SIGKILL resume tests run on this batched path in the default suite
 def test_a_pretraining_run_on_the_builtin_data_resumes_bitwise(tmp_path):
     args = ("pretrain", "mae", "--preset", "tiny", "--train-size", 64, "--val-size", 16, "--batch-size", 8)
     args = (*args, "--epochs", 2, "--log-every", 1)

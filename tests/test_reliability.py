@@ -23,6 +23,7 @@ def losses(run):
     return {row["step"]: row["loss"] for row in read_log(run) if "loss" in row}
 
 
+@pytest.mark.slow  # 14 s; two processes stay in the default suite: test_loop (DDP no_sync), test_imae (val65)
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     args = ("pretrain", "mae", "--preset", "tiny", "--epochs", 1, "--train-size", 128, "--log-every", 1)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -39,6 +40,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert common.load_checkpoint(two)["world_size"] == 2
 
 
+@pytest.mark.slow  # 31 s; killed-and-resumed pre-training stays in the default suite (test_loop, five methods)
 def test_finetune_resume_after_sigkill_is_bitwise_the_uninterrupted_run(tmp_path):
     """Data order, augmentation (RandAugment, random erasing), mixup / cutmix draws, drop path and the EMA all
     continue exactly after a SIGKILL at step 5 or later: neither an epoch end (8) nor a checkpoint (every 3)."""
