@@ -202,12 +202,12 @@ def pretrain(ctx: typer.Context):
     if hasattr(net, "prepare_pretrain"):  # e.g. i-MAE loads its frozen teacher; evaluation never calls it
         net.prepare_pretrain(console.print if rank == 0 else (lambda *a, **k: None), resume=tcfg.resume)
     loader, val_loader = data_sets.pretrain_loaders(tcfg, cfg.img_size, sample_inputs, device, rank, world)
+    val_set = tcfg.vis_every and data_sets.load_dataset(tcfg.data, "val", tcfg.data_dir, tcfg.val_size, cfg.img_size)
 
     def picture(model, path, title):  # --vis-every: reconstructions of the first held-out images; path on rank 0
-        val_set, seed = data_sets.load_dataset(tcfg.data, "val", tcfg.data_dir, tcfg.val_size, cfg.img_size), tcfg.seed
-        columns, note = evaluate.reconstructions(model, val_set, tcfg.data, cfg.img_size, sample_inputs, seed=seed)
+        columns, note = evaluate.reconstructions(model, val_set, tcfg.data, cfg.img_size, sample_inputs, seed=tcfg.seed)
         if path:
-            evaluate.save_grid(columns, path, f"{title} {note}; masks seed {seed}")
+            evaluate.save_grid(columns, path, f"{title} {note}; masks seed {tcfg.seed}")
 
     try:  # an error found in training (e.g. too few images for a step) exits 1, as a diverged run
         out = common.pretrain(net, cfg, tcfg, loader, val_loader, name, [module.__file__, common.__file__], picture)
