@@ -28,7 +28,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torchvision.ops import StochasticDepth
 
 # ----------------------------------------------------------------------------------------------------
 # ViT pieces under timm's VisionTransformer names, as the official MAE code: official checkpoints load, ours go to timm
@@ -82,7 +81,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         fc1, fc2 = nn.Linear(dim, int(dim * mlp_ratio)), nn.Linear(int(dim * mlp_ratio), dim)
         self.mlp = nn.Sequential(OrderedDict(fc1=fc1, act=nn.GELU(), fc2=fc2))  # timm's Mlp names
-        self.drop_path = StochasticDepth(drop_path, mode="row")  # drops a sample's whole branch, rescaled
+        if drop_path:  # stochastic depth (fine-tuning); only then is torchvision imported: it takes seconds
+            from torchvision.ops import StochasticDepth
+
+        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path else nn.Identity()  # per sample
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -120,8 +122,7 @@ def unpatchify(x, p, c=3):
 
 
 def init_weights(model):
-    """The official MAE initialisation of the generic parts: xavier-uniform Linear layers with zero bias, the patch
-    projection initialised like a Linear layer (LayerNorm: torch's default, weight 1 and bias 0, as official)."""
+    """The official MAE initialisation: xavier-uniform Linear layers, zero biases, the patch projection as a Linear."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -340,8 +341,7 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr):
 
 
 def setup(tcfg):
-    """(rank, world size, device) of this process from torchrun's environment, joining the process group once; TF32
-    matmuls allowed on a GPU."""
+    """(rank, world size, device) of this process from torchrun's environment (joins the process group once)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

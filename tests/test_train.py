@@ -122,3 +122,35 @@ def test_short_run_on_builtin_data_lowers_held_out_loss(tmp_path):
     # variance): the run must do clearly better than that, not just unlearn its random init
     trivial = 1 - 1 / 48
     assert val[-1] < 0.9 * trivial and val[-1] < 0.7 * val[0], val
+
+
+def test_drop_path_drops_whole_branches_per_sample_in_training_only():
+    """common.Block's stochastic depth: in training each sample's attention and MLP branches are kept (rescaled) or
+    dropped whole, so with p = 0.5 some samples come out unchanged (both dropped) and others do not; in eval mode
+    the block is the one without drop path; p = 0 is the plain block."""
+    torch.manual_seed(0)
+    plain, dropping = common.Block(16, 2), common.Block(16, 2, drop_path=0.5)
+    dropping.load_state_dict(plain.state_dict())
+    x = torch.randn(64, 5, 16)
+    with torch.no_grad():
+        out = dropping.train()(x)
+        unchanged = (out == x).flatten(1).all(1)  # (B,): both branches dropped
+        assert 5 <= int(unchanged.sum()) <= 30, int(unchanged.sum())  # ~B/4 expected
+        assert torch.equal(dropping.eval()(x), plain.eval()(x))
+        assert torch.equal(plain.train()(x), plain.eval()(x))
+
+
+def test_importing_the_cli_and_pretraining_on_patterns_load_no_torchvision(tmp_path):
+    """torchvision's import pulls in torch._dynamo (about 2 s on 2 cores): the commands that need none of it (every
+    option error, --help, pre-training on the built-in data) must not pay for it."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "import sys, cli; cli.main(sys.argv[1:])"
+    args = ["pretrain", "mae", "--preset", "tiny", "--max-steps", "1", "--out", str(tmp_path / "run")]
+    probe = f"import atexit, sys; atexit.register(lambda: print('torchvision' in sys.modules)); {code}"
+    r = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False", r.stdout[-500:]
