@@ -81,10 +81,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         fc1, fc2 = nn.Linear(dim, int(dim * mlp_ratio)), nn.Linear(int(dim * mlp_ratio), dim)
         self.mlp = nn.Sequential(OrderedDict(fc1=fc1, act=nn.GELU(), fc2=fc2))  # timm's Mlp names
-        if drop_path:  # stochastic depth (fine-tuning); only then is torchvision imported: it takes seconds
+        if drop_path:  # fine-tuning: only then is torchvision imported (its import takes seconds)
             from torchvision.ops import StochasticDepth
 
-        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path else nn.Identity()  # per sample
+        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path else nn.Identity()  # a sample's branch
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))

@@ -141,8 +141,8 @@ def test_drop_path_drops_whole_branches_per_sample_in_training_only():
 
 
 def test_importing_the_cli_and_pretraining_on_patterns_load_no_torchvision(tmp_path):
-    """torchvision's import pulls in torch._dynamo (about 2 s on 2 cores): the commands that need none of it (every
-    option error, --help, pre-training on the built-in data) must not pay for it."""
+    """torchvision's import pulls in torch._dynamo (about 2 s on 2 cores): importing cli.py, which every command
+    does, and pre-training on the built-in data, which needs none of torchvision, must not pay for it."""
     import subprocess
     import sys
 
