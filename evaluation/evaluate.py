@@ -94,6 +94,7 @@ class FinetuneConfig:
     mixup: float = 0.8  # mixup alpha, 0 = off (MAE paper, Appendix A.1)
     cutmix: float = 1.0  # cutmix alpha, 0 = off (MAE paper, Appendix A.1)
     smoothing: float = 0.1  # label smoothing (MAE paper, Appendix A.1)
+    min_crop: float = 0.08  # RandomResizedCrop's smallest crop, a fraction of the area (official: timm's 0.08)
     randaug_n: int = 2  # RandAugment operations per image, 0 = off (timm rand-m9: 2 ops)
     randaug_m: int = 9  # RandAugment magnitude (MAE paper, Appendix A.1: (9, 0.5))
     reprob: float = 0.25  # random erasing probability (MAE paper, Appendix A.1)
@@ -110,6 +111,8 @@ class FinetuneConfig:
         common.check_options(self, non_negative="mixup cutmix drop_path randaug_n")
         if not (0 < self.layer_decay <= 1 and 0 <= self.smoothing < 1 and 0 <= self.ema < 1 and 0 <= self.reprob <= 1):
             raise ValueError("--layer-decay must be in (0, 1], --smoothing and --ema in [0, 1), --reprob in [0, 1]")
+        if not 0 < self.min_crop <= 1:
+            raise ValueError(f"--min-crop must be in (0, 1] (a fraction of the image's area), got {self.min_crop}")
 
 
 @dataclass
@@ -417,7 +420,7 @@ def finetune_transform(data, img_size, fcfg):
     """The MAE fine-tuning augmentation (official util/datasets.py through timm's create_transform)."""
     from torchvision.transforms import InterpolationMode, v2
 
-    crop = v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC)
+    crop = v2.RandomResizedCrop(img_size, scale=(fcfg.min_crop, 1.0), interpolation=InterpolationMode.BICUBIC)
     steps = [v2.ToImage(), crop, v2.RandomHorizontalFlip()]
     if fcfg.randaug_n:
         steps += [v2.ToDtype(torch.uint8, scale=True), v2.RandAugment(fcfg.randaug_n, fcfg.randaug_m)]

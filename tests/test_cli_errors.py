@@ -101,6 +101,7 @@ CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: 
     ("knn-out-is-a-file", ("knn", "{run}", "--out", "{text}"), "is a file, not a result folder", 2),
     ("knn-negative-workers", ("knn", "{run}", "--num-workers", -1), "--num-workers must not be negative", 2),
     ("finetune-zero-epochs", ("finetune", "{run}", "--epochs", 0), "--epochs must be at least 1, got 0", 2),
+    ("finetune-min-crop-0", ("finetune", "{run}", "--min-crop", 0), "--min-crop must be in (0, 1] (a fraction", 2),
     (
         "finetune-batch-above-the-data",
         ("finetune", "{run}", "--batch-size", 4096, "--num-workers", 0),

@@ -364,6 +364,22 @@ def test_boolean_inputs_are_drawn_as_an_overlay():
     assert torch.allclose(overlay[..., where], 0.4 * masked[..., where] + 0.6 * red, atol=1e-6)
 
 
+def test_finetune_crops_keep_at_least_min_crop_of_the_image():
+    """--min-crop 1: every training crop is the whole image, flipped or not; the official 0.08 zooms in."""
+    img = torch.rand(3, 32, 32)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in data_sets.DATASETS["patterns"][1])
+    whole = (img - mean) / std
+
+    def is_whole(min_crop):
+        fcfg = evaluate.FinetuneConfig(min_crop=min_crop, randaug_n=0, reprob=0)
+        tf = evaluate.finetune_transform("patterns", 32, fcfg)
+        torch.manual_seed(0)
+        crops = [tf(img) for _ in range(16)]
+        return [any(torch.allclose(c, w, atol=1e-4) for w in (whole, whole.flip(-1))) for c in crops]
+
+    assert all(is_whole(1.0)) and not any(is_whole(0.08))
+
+
 def test_layer_decay_assigns_the_documented_lr_to_each_block():
     depth, decay = 3, 0.5
     model = mae.MAE(mae.Config(**{**TINY, "depth": depth}))
