@@ -459,7 +459,7 @@ def train(
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     fields = TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s")
     columns = (*Progress.get_default_columns()[:-1], MofNCompleteColumn(), fields, TimeRemainingColumn())
-    progress = Progress(*columns, console=console, disable=not main)
+    progress = Progress(*columns, console=console, disable=not main or step >= stop)  # no bar if nothing is left
     task = progress.add_task(title, total=stop, completed=step, loss=float("nan"), lr=0.0, ips=0.0)
     if evaluate_first and step == 0:  # before training: the floor every later number is read against
         log("before training: ", end_of_epoch(0), step=0, epoch=0)

@@ -31,7 +31,7 @@ def test_pretrain_smoke_two_steps_writes_log_and_full_checkpoint(tmp_path):
     assert json.loads((out / "config.json").read_text())["config"] == ckpt["config"]
 
 
-def test_overwrite_replaces_a_run(tmp_path):
+def test_overwrite_replaces_a_run_and_resuming_a_finished_one_changes_nothing(tmp_path):
     """(Refusing a folder that holds a run, and --resume with changed settings: tests/test_cli_errors.py.)"""
     out = tmp_path / "run"
     assert run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 1, "--out", out).returncode == 0
@@ -39,6 +39,10 @@ def test_overwrite_replaces_a_run(tmp_path):
     assert r.returncode == 0, r.stderr
     assert [row["step"] for row in read_log(out) if "loss" in row] == [1, 2]  # the old run's log is gone
     assert common.load_checkpoint(out)["step"] == 2
+    before = (out / "checkpoint.pt").read_bytes(), (out / "log.jsonl").read_text()
+    r = run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 2, "--out", out, "--resume")
+    assert r.returncode == 0 and "nan" not in r.stdout, r.stdout + r.stderr  # finished: nothing to run, no bar
+    assert ((out / "checkpoint.pt").read_bytes(), (out / "log.jsonl").read_text()) == before
 
 
 def test_help_lists_every_config_field_with_its_source():
