@@ -25,10 +25,10 @@ for seed in ${SEEDS:-0 1 2}; do
       python cli.py "$command" "$run" --seed "$seed" "$option"
     done
   done
-  if [ "$method" = mae ]; then  # few labels: why one pre-trains (a short recipe for 1,000 images, docs/learning.md)
-    for init in --no-random-init --random-init; do
+  if [ "$method" = mae ]; then  # few labels: why one pre-trains (a short recipe for 1,000 images, chosen on a
+    for init in --no-random-init --random-init; do  # validation split: experiments/finetune_validation.py)
       python cli.py finetune "$run" --seed "$seed" --train-size 1000 --epochs ${FT_EPOCHS:-30} --warmup-epochs 3 \
-        --batch-size 64 --blr 2e-3 --layer-decay 0.75 --mixup 0 --cutmix 0 --randaug-n 0 --reprob 0 $init
+        --batch-size 64 --blr 2e-3 --layer-decay 0.75 --min-crop 1 --mixup 0 --cutmix 0 --randaug-n 0 --reprob 0 $init
     done
   fi
 done
