@@ -1,0 +1,52 @@
+"""How much of kNN's verdict is the few directions of largest variance (on `patterns`: the image's colour)? For each
+run: the protocol's kNN (k=20, T=0.07, cosine, mean-pooled features; `cli.py knn`) of the trained encoder, of a
+random-init one and of the raw pixels, after projecting out the top j principal directions of the training features
+(j = 0 is the protocol's number), with the share of the variance those directions hold; and how much of each of the
+top 4 directions a linear function of the image's mean colour explains (R^2; docs/learning.md).
+
+    python experiments/knn_principal_directions.py runs/learning/mae-patterns-s0 [RUN ...]
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
+from evaluation import evaluate  # noqa: E402
+
+DIRECTIONS = (0, 1, 2, 4, 8)
+columns = [f"kNN, top {j} out (variance)" if j else "kNN" for j in DIRECTIONS] + ["R^2 from colour, top 4"]
+print("| run | features | " + " | ".join(columns) + " |")
+print("|---" * (3 + len(DIRECTIONS)) + "|")
+
+for run in sys.argv[1:]:
+    seed = evaluate.load_model(run, cli.method_of)[1]["train"].get("seed", 0)  # as experiments/learning.sh: --seed
+    for kind in ("trained", "random init", "raw pixels"):
+        ecfg = evaluate.EvalConfig(seed=seed, random_init=kind == "random init", num_workers=0)
+        model, info = evaluate.load_model(run, cli.method_of, random_init=ecfg.random_init, seed=seed)
+        data, train_set, val_set = evaluate.eval_datasets(ecfg, info)
+        settings = dict(data=data, batch_size=256, ecfg=ecfg, pixels=kind == "raw pixels")
+        train_f, train_y = evaluate.extract_features(model, train_set, **settings)  # (M, D), as run_knn
+        val_f, val_y = evaluate.extract_features(model, val_set, **settings)
+        pixels, _ = evaluate.extract_features(model, train_set, **{**settings, "pixels": True})  # (M, C*H*W)
+        colour = torch.cat(
+            [pixels.view(len(pixels), info["config"].in_chans, -1).mean(-1), torch.ones(len(pixels), 1)], 1
+        )
+        mean = train_f.mean(0)
+        _, s, vh = torch.linalg.svd(train_f - mean, full_matrices=False)  # principal directions: rows of vh
+        share = (s**2).cumsum(0) / (s**2).sum()
+        cells = []
+        for j in DIRECTIONS:
+            p = vh[:j]  # (j, D)
+            kept_train, kept_val = train_f - (train_f - mean) @ p.T @ p, val_f - (val_f - mean) @ p.T @ p
+            top1, _ = evaluate.accuracy(
+                evaluate.knn_scores(kept_train, train_y, kept_val, len(train_set.classes)), val_y
+            )
+            cells.append(f"{100 * top1:.1f}" + (f" ({100 * share[j - 1]:.0f} %)" if j else ""))
+        scores = (train_f - mean) @ vh[:4].T  # (M, 4): the training features along the top 4 directions
+        fit = colour @ torch.linalg.lstsq(colour, scores).solution  # the best linear function of the mean colour
+        r2 = 1 - ((scores - fit) ** 2).sum(0) / ((scores - scores.mean(0)) ** 2).sum(0)
+        cells.append(" ".join(f"{v:.2f}" for v in r2.tolist()))
+        print(f"| {Path(run).name} | {kind} | " + " | ".join(cells) + " |", flush=True)
