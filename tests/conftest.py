@@ -77,14 +77,18 @@ for line in sys.stdin:
 
 
 class ForkedCli:
-    """run(*args) -> CompletedProcess, like run_cli, for long tables of commands that stop early (bad input).
-    Each command is still a process of its own; only the imports are shared. Use as a context manager."""
+    """run(*args) -> CompletedProcess, as `python cli.py ARGS` gives it (run_cli uses one for the session). Each
+    command is still a process of its own; only the imports are shared. Use as a context manager. cwd: the folder the
+    commands run in (cli.py is still imported from the project root)."""
+
+    def __init__(self, cwd=ROOT):
+        self.cwd = cwd
 
     def __enter__(self):
         env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
         self.server = subprocess.Popen(
             [sys.executable, "-c", FORK_SERVER],
-            cwd=ROOT,
+            cwd=self.cwd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -106,23 +110,3 @@ class ForkedCli:
         self.server.stdin.close()
         self.server.wait(timeout=60)
         self.tmp.cleanup()
-
-
-class ForkedCliIn(ForkedCli):
-    """ForkedCli whose commands run in the folder `cwd` (cli.py still imported from the project root)."""
-
-    def __init__(self, cwd):
-        self.cwd = cwd
-
-    def __enter__(self):
-        env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
-        self.server = subprocess.Popen(
-            [sys.executable, "-c", FORK_SERVER],
-            cwd=self.cwd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.tmp = tempfile.TemporaryDirectory()
-        return self

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, ForkedCli, ForkedCliIn
+from conftest import ROOT, ForkedCli
 
 import common
 
@@ -93,7 +93,7 @@ def test_every_evaluation_command_runs_on_a_fork_from_its_checkpoint(fork_run):
         "export": (),
         "separability": ("--images", 16, "--batch-size", 16),
     }
-    with ForkedCliIn(folder) as cli:
+    with ForkedCli(cwd=folder) as cli:
         outcomes = {command: cli.run(command, "run", *args) for command, args in commands.items()}
     for command, r in outcomes.items():
         assert r.returncode == 0, (command, r.stdout + r.stderr)
