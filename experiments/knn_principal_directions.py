@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
+import common  # noqa: E402
 from evaluation import evaluate  # noqa: E402
 
 DIRECTIONS = (0, 1, 2, 4, 8)
@@ -22,18 +23,18 @@ print("| run | features | " + " | ".join(columns) + " |")
 print("|---" * (3 + len(DIRECTIONS)) + "|")
 
 for run in sys.argv[1:]:
-    seed = evaluate.load_model(run, cli.method_of)[1]["train"].get("seed", 0)  # as experiments/learning.sh: --seed
-    for kind in ("trained", "random init", "raw pixels"):
+    seed = common.load_checkpoint(run)["train"].get("seed", 0)  # as experiments/learning.sh: --seed
+    colour = None  # (M, C + 1): each training image's mean colour and a 1, from the first kind's pass over the pixels
+    for kind in ("raw pixels", "trained", "random init"):
         ecfg = evaluate.EvalConfig(seed=seed, random_init=kind == "random init", num_workers=0)
         model, info = evaluate.load_model(run, cli.method_of, random_init=ecfg.random_init, seed=seed)
         data, train_set, val_set = evaluate.eval_datasets(ecfg, info)
         settings = dict(data=data, batch_size=256, ecfg=ecfg, pixels=kind == "raw pixels")
         train_f, train_y = evaluate.extract_features(model, train_set, **settings)  # (M, D), as run_knn
         val_f, val_y = evaluate.extract_features(model, val_set, **settings)
-        pixels, _ = evaluate.extract_features(model, train_set, **{**settings, "pixels": True})  # (M, C*H*W)
-        colour = torch.cat(
-            [pixels.view(len(pixels), info["config"].in_chans, -1).mean(-1), torch.ones(len(pixels), 1)], 1
-        )
+        if colour is None:  # train_f holds the pixels (M, C*H*W)
+            means = train_f.view(len(train_f), info["config"].in_chans, -1).mean(-1)
+            colour = torch.cat([means, torch.ones(len(train_f), 1)], 1)
         mean = train_f.mean(0)
         _, s, vh = torch.linalg.svd(train_f - mean, full_matrices=False)  # principal directions: rows of vh
         share = (s**2).cumsum(0) / (s**2).sum()
