@@ -6,7 +6,8 @@
 #
 #   bash experiments/learning.sh METHOD [OUT]     # e.g. mae; OUT defaults to runs/learning
 #   DATA=fashion-mnist SEEDS="0" bash experiments/learning.sh simmim   # another data set, fewer seeds
-#   PRETRAIN_ARGS="--mask-ratio 0.5" SEEDS="0" bash experiments/learning.sh mae runs/mask-0.5  # a variant, own OUT
+#   PRETRAIN_ARGS="--mask-ratio 0.75" SEEDS="0" bash experiments/learning.sh mae runs/mask-0.75  # a variant, own OUT
+#   FINETUNE=0 bash experiments/learning.sh simmim   # without the two fine-tunings (about half of each seed's time)
 #
 # An interrupted pre-training is continued (--resume) when the script is started again; a finished one is kept.
 set -euo pipefail
@@ -29,7 +30,8 @@ for seed in ${SEEDS:-0 1 2}; do
   done
   # few labels, why one pre-trains: a short recipe for 1,000 images, chosen with MAE on a validation split
   # (experiments/finetune_validation.py)
-  for init in --no-random-init --random-init; do
+  inits=(--no-random-init --random-init); if [ "${FINETUNE:-1}" = 0 ]; then inits=(); fi
+  for init in "${inits[@]}"; do
     python cli.py finetune "$run" --seed "$seed" --train-size 1000 --epochs ${FT_EPOCHS:-30} --warmup-epochs 3 \
       --batch-size 64 --blr 2e-3 --layer-decay 0.75 --min-crop 1 --mixup 0 --cutmix 0 --randaug-n 0 --reprob 0 $init
   done

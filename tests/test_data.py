@@ -67,9 +67,10 @@ def test_the_default_preset_budget_is_the_measured_one():
         "patterns",
         32,
         8,
-        192,
+        128,
         6,
     )
+    assert (cpu["num_heads"], cpu["mask_ratio"], cpu["throw"], cpu["blr"]) == (4, 0.5, 0.25, 4e-3)
     assert (steps, cpu["batch_size"], cpu["warmup_epochs"], cpu["decoder_embed_dim"], cpu["decoder_depth"]) == (
         1536,
         128,
