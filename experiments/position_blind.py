@@ -20,10 +20,6 @@ from evaluation import evaluate  # noqa: E402
 IMAGES = 512
 
 
-def hidden_loss(pred, target, mask):  # mae.forward_loss: mean squared error on the hidden patches
-    return ((((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()).item()
-
-
 def blind(x, mask):  # (B, N, P*P*C): each image's mean over its hidden patches, at every position
     hidden = mask.unsqueeze(-1)  # (B, N, 1)
     return ((x * hidden).sum(1, keepdim=True) / hidden.sum(1, keepdim=True)).expand_as(x)
@@ -42,9 +38,10 @@ for run in sys.argv[1:]:
     noise = torch.rand(len(imgs), model.num_patches, generator=torch.Generator().manual_seed(0))  # one fixed mask
     model.eval()
     with torch.no_grad():
-        _, pred, mask = model(imgs, noise=noise)  # (B, N, P*P*C), (B, N)
-    target = common.patchify(imgs, cfg.patch_size)  # (B, N, P*P*C), as mae.forward_loss
-    if cfg.norm_pix_loss:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1.0e-6) ** 0.5
-    preds = [pred, blind(pred, mask), blind(target, mask), torch.zeros_like(pred)]
-    print(f"| {Path(run).name} | " + " | ".join(f"{hidden_loss(p, target, mask):.3f}" for p in preds) + " |")
+        loss, pred, mask = model(imgs, noise=noise)  # (B, N, P*P*C), (B, N)
+        target = common.patchify(imgs, cfg.patch_size)  # (B, N, P*P*C): the target of mae.forward_loss
+        if cfg.norm_pix_loss:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1.0e-6) ** 0.5
+        others = [blind(pred, mask), blind(target, mask), torch.zeros_like(pred)]  # each scored by the model's loss
+        cells = [loss.item()] + [model.forward_loss(imgs, p, mask).item() for p in others]
+    print(f"| {Path(run).name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
