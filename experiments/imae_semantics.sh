@@ -13,6 +13,7 @@ for seed in ${SEEDS:-0 1 2}; do
   mae=$out/mae-$data-s$seed
   for p in 0 0.5 1; do
     run=$out/i-mae-same$p-$data-s$seed
+    if [ $p = 0 ]; then run=$out/i-mae-$data-s$seed; fi  # the default: the run of `learning.sh i-mae`, if made
     if [ -f "$run/checkpoint.pt" ]; then again=--resume; else again=--overwrite; fi
     python cli.py pretrain i-mae --data "$data" --seed "$seed" --teacher "$mae" --same-class-prob $p --out "$run" $again
     python cli.py linprobe "$run" --seed "$seed"
@@ -28,7 +29,9 @@ def cell(values):
     return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 print(f"| encoder ({data}, seeds {' '.join(seeds)}) | linear probe top-1 | separability (own latents) |")
 print("|---|---|---|")
-for name, run in [("MAE", "mae"), *((f"i-MAE, same-class-prob {p}", f"i-mae-same{p}") for p in ("0", "0.5", "1"))]:
+runs = [("MAE", "mae"), ("i-MAE, same-class-prob 0", "i-mae")]
+runs += [(f"i-MAE, same-class-prob {p}", f"i-mae-same{p}") for p in ("0.5", "1")]
+for name, run in runs:
     folders = [out / f"{run}-{data}-s{s}" for s in seeds]
     probe = [json.loads((f / "eval" / f"linprobe-{data}-s{s}" / "result.json").read_text())["metrics"]["top1"]
              for f, s in zip(folders, seeds)]
