@@ -25,8 +25,9 @@ python - "$out" "$data" ${SEEDS:-0 1 2} <<'PY'
 import json, statistics, sys
 from pathlib import Path
 out, data, seeds = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-def cell(values):
-    return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+def cell(values, digits):
+    m, sd = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+    return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 print(f"| encoder ({data}, seeds {' '.join(seeds)}) | linear probe top-1 | separability (own latents) |")
 print("|---|---|---|")
 runs = [("MAE", "mae"), ("i-MAE, same-class-prob 0", "i-mae")]
@@ -36,5 +37,5 @@ for name, run in runs:
     probe = [json.loads((f / "eval" / f"linprobe-{data}-s{s}" / "result.json").read_text())["metrics"]["top1"]
              for f, s in zip(folders, seeds)]
     sep = [json.loads((f / "separability.json").read_text())["separability"] for f in folders]
-    print(f"| {name} | {cell([100 * p for p in probe])} | {cell(sep)} |")
+    print(f"| {name} | {cell([100 * p for p in probe], 1)} | {cell(sep, 3)} |")
 PY
