@@ -134,13 +134,18 @@ class Scale:  # options of pretrain and bench
 POSITIVE_SIZES = {"img_size", "patch_size", "embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads"}
 
 
+def preset_values(module, preset):
+    """The preset's values, changed by the method's PRESET_CHANGES where it has them (e.g. RevColV2's cpu rate)."""
+    return {**common.PRESETS[preset], **getattr(module, "PRESET_CHANGES", {}).get(preset, {})}
+
+
 def resolve(module, preset, model, given, overrides=None):
     """Config and TrainConfig from: the dataclass defaults < the preset < the model size < the options < overrides."""
     if preset not in common.PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(common.PRESETS)}")
     if model and model not in common.VIT_SIZES:
         raise ValueError(f"unknown model size {model!r}: choose one of {', '.join(common.VIT_SIZES)}")
-    values = {**common.PRESETS[preset], **common.VIT_SIZES.get(model, {}), **given, **(overrides or {})}
+    values = {**preset_values(module, preset), **common.VIT_SIZES.get(model, {}), **given, **(overrides or {})}
     tcfg = build(common.TrainConfig, values)
     channels = data_sets.channels(tcfg.data)
     if values.setdefault("in_chans", channels) != channels:
@@ -170,7 +175,8 @@ def method_args(ctx, classes):
     name, module, model_cls = find_method(ctx.args[0])
     usage = f"python cli.py {ctx.info_name} {ctx.args[0]}"
     doc = f"{(module.__doc__ or name).strip().splitlines()[0]}\n{ctx.command.help}"
-    positional, given = parse(ctx.args[1:], usage, doc, [Scale, *classes, module.Config], common.PRESETS[Scale.preset])
+    options, preset = [Scale, *classes, module.Config], preset_values(module, Scale.preset)  # --help shows the preset
+    positional, given = parse(ctx.args[1:], usage, doc, options, preset)
     if positional:
         raise ValueError(
             f"{ctx.info_name} takes one method, then options; got {positional[0]!r} (see `{usage} --help`)"

@@ -269,6 +269,20 @@ def test_cli_pretrain_tiny_and_clear_errors(tmp_path):
     assert "Traceback" not in r.stdout + r.stderr
 
 
+def test_the_cpu_preset_trains_revcolv2_at_its_own_rate():
+    """The cpu preset's blr is MAE's 4e-3; RevColV2's PRESET_CHANGES make its default 1.5e-3 there (docs/learning.md),
+    --blr still wins, the other presets and methods are untouched, and --help names the value the preset gives."""
+    import cli
+    import mae
+
+    rate = lambda module, preset, given: cli.resolve(module, preset, None, given)[1].blr  # noqa: E731
+    assert rate(mae, "cpu", {}) == common.PRESETS["cpu"]["blr"] == 4e-3 and rate(revcolv2, "cpu", {}) == 1.5e-3
+    assert rate(revcolv2, "cpu", {"blr": 4e-3}) == 4e-3 and rate(revcolv2, "tiny", {}) == common.PRESETS["tiny"]["blr"]
+    assert rate(revcolv2, "cifar", {}) == rate(mae, "cifar", {})
+    r = run_cli("pretrain", "revcolv2", "--help")
+    assert r.returncode == 0 and "[default: 0.0015 from --preset cpu" in r.stdout
+
+
 @pytest.mark.slow
 def test_memory_table_at_cifar_scale():
     """The README table: `pytest -m slow tests/test_revcolv2.py -k table -s` (batch 64, fp32, 192-d)."""
