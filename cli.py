@@ -120,8 +120,7 @@ def parse(args, usage, doc, classes, preset):
     return positional, given
 
 
-def build(cls, values):
-    """cls(**the values that are its fields); a ValueError names the bad option."""
+def build(cls, values):  # cls(**the values that are its fields); a ValueError names the bad option
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
@@ -134,8 +133,7 @@ class Scale:  # options of pretrain and bench
 POSITIVE_SIZES = {"img_size", "patch_size", "embed_dim", "num_heads", "decoder_embed_dim", "decoder_num_heads"}
 
 
-def preset_values(module, preset):
-    """The preset's values, changed by the method's PRESET_CHANGES where it has them (e.g. RevColV2's cpu rate)."""
+def preset_values(module, preset):  # the preset's values, with the method's PRESET_CHANGES (RevColV2's cpu rate)
     return {**common.PRESETS[preset], **getattr(module, "PRESET_CHANGES", {}).get(preset, {})}
 
 
@@ -178,9 +176,7 @@ def method_args(ctx, classes):
     options, preset = [Scale, *classes, module.Config], preset_values(module, Scale.preset)  # --help shows the preset
     positional, given = parse(ctx.args[1:], usage, doc, options, preset)
     if positional:
-        raise ValueError(
-            f"{ctx.info_name} takes one method, then options; got {positional[0]!r} (see `{usage} --help`)"
-        )
+        raise ValueError(f"{ctx.info_name} takes one method then options, got {positional[0]!r} (see `{usage} --help`)")
     scale, given = build(Scale, given), {k: v for k, v in given.items() if k not in ("preset", "model")}
     return name, module, model_cls, scale, given
 
@@ -190,9 +186,7 @@ def run_args(ctx, classes):
     usage = f"python cli.py {ctx.info_name} RUN_OR_CKPT"  # a run folder, a checkpoint of ours or of official MAE
     positional, given = parse(ctx.args or ["--help"], usage, ctx.command.help, classes, {})
     if len(positional) != 1:
-        raise ValueError(
-            f"{ctx.info_name} takes one run folder or checkpoint, got {len(positional)} (see `{usage} --help`)"
-        )
+        raise ValueError(f"{ctx.info_name} takes one run or checkpoint, got {len(positional)} (see `{usage} --help`)")
     return positional[0], [build(cls, given) for cls in classes]
 
 

@@ -72,8 +72,7 @@ class Config:
             raise ValueError(f"need 0 < --alpha-min <= |--alpha-init|, got {self.alpha_min} and {self.alpha_init}")
 
 
-# the cpu preset's blr 4e-3 is MAE's (common.PRESETS); at it RevColV2's top level collapses on Fashion-MNIST
-PRESET_CHANGES = {"cpu": dict(blr=1.5e-3)}  # the preset's earlier rate (docs/learning.md, "RevColV2's rate")
+PRESET_CHANGES = {"cpu": dict(blr=1.5e-3)}  # not the cpu preset's 4e-3 (MAE's): docs/learning.md, "RevColV2's rate"
 
 BENCH_VARIANTS = {  # `python cli.py bench revcolv2` rows beside the default (reversible, 2+2 columns)
     "plain autograd": dict(reversible=False),

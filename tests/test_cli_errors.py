@@ -21,7 +21,7 @@ CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: 
     ("unknown-option", (*PRETRAIN, "--no-such-option", 1), "no such option --no-such-option (see `python cli", 2),
     ("option-without-value", (*PRETRAIN, "--epochs"), "--epochs needs a value", 2),
     ("flag-with-a-value", (*PRETRAIN, "--compile=yes"), "--compile is a flag: pass --compile or --no-compile", 2),
-    ("stray-argument", (*PRETRAIN, "simmim"), "pretrain takes one method, then options; got 'simmim'", 2),
+    ("stray-argument", (*PRETRAIN, "simmim"), "pretrain takes one method then options, got 'simmim'", 2),
     ("unknown-preset", (*PRETRAIN, "--preset", "huge"), "unknown preset 'huge'", 2),
     ("mask-ratio-above-1", (*PRETRAIN, "--mask-ratio", 1.5), "--mask-ratio must be in (0, 1), got 1.5", 2),
     ("mask-ratio-0", (*PRETRAIN, "--mask-ratio", 0), "--mask-ratio must be in (0, 1), got 0", 2),
@@ -89,7 +89,7 @@ CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: 
             ("not-a-checkpoint", "{text}", "is not a checkpoint"),
         ]
     ],
-    ("knn-two-runs", ("knn", "{run}", "{run}"), "knn takes one run folder or checkpoint, got 2", 2),
+    ("knn-two-runs", ("knn", "{run}", "{run}"), "knn takes one run or checkpoint, got 2", 2),
     ("knn-k-0", ("knn", "{run}", "--k", 0), "--k and --batch-size must be at least 1", 2),
     (
         "knn-grey-data-colour-model",
