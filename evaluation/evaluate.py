@@ -560,7 +560,8 @@ def pretraining_summary(info):
     if info["ckpt"].get("finetune"):
         return f"fine-tuned {epochs:g} ep, see {info['run_dir']}", None
     images = f"{train['train_size']:,}" if train.get("train_size") else "all"
-    seconds = max((r["elapsed_s"] for r in rows if "elapsed_s" in r), default=0) or None
+    clock = [r["elapsed_s"] for r in rows if "elapsed_s" in r]  # restarts at each --resume: sum each part's last
+    seconds = sum(last for last, after in zip(clock, clock[1:] + [0]) if after < last) or None
     return f"{epochs:g} ep x {images} img, batch {train.get('batch_size', '?')}", seconds
 
 

@@ -262,6 +262,20 @@ def test_finetune_cli_with_ema(tiny_run, tmp_path, cli_run):
     assert evaluate.pretraining_summary(info)[0].startswith("fine-tuned 2 ep")
 
 
+def test_pretraining_time_of_a_resumed_run_sums_its_parts(tmp_path):
+    """The result's pre-train time is the run's training time; a --resume restarts the logged clock (elapsed_s), so
+    a run killed after epoch 3 and resumed to epoch 5 took the first part's 30 s plus the second's 25 s."""
+    rows = [dict(step=0, val_loss=1.0), dict(step=1, loss=1.0)]
+    rows += [dict(step=s, epoch=s, elapsed_s=t, val_loss=0.5) for s, t in [(1, 10.0), (2, 20.0), (3, 30.0)]]
+    rows += [dict(step=s, epoch=s, elapsed_s=t, val_loss=0.5) for s, t in [(4, 12.5), (5, 25.0)]]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = dict(official=False, run_dir=tmp_path, train=dict(train_size=64, batch_size=8), ckpt={})
+    assert evaluate.pretraining_summary(info) == ("5 ep x 64 img, batch 8", 55.0)
+    rows = rows[:5]  # not resumed: its last time
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert evaluate.pretraining_summary(info) == ("3 ep x 64 img, batch 8", 30.0)
+
+
 def test_finetune_learns_a_learnable_task(tiny_run, colours, tmp_path, cli_run):
     """3 epochs of 4 steps on the colours (no mixup, cutmix, RandAugment or erasing, to learn fast): far above
     chance (0.25), and the validation loss falls well below that of a head that guesses (ln 4)."""

@@ -186,9 +186,10 @@ def test_size_anchors():
     exactly what issue 15 added (bench's step as train runs it, images/s and MFU: +32; the batched on-device data
     path: +80; `bench --data` with both data paths side by side: +11), 3,605 lines, and by what issue 14 added (the
     pattern data set in place of the shapes one: +24; the held-out images batched on the device: +6; fine-tuning's
-    --min-crop: +3; RevColV2's own cpu rate, PRESET_CHANGES: +2): 3,640 lines in all, the methods 32.7 %."""
+    --min-crop: +3; RevColV2's own cpu rate, PRESET_CHANGES: +2; the pre-training time of a
+    resumed run, summed over its parts: +1): 3,641 lines in all, the methods 32.7 %."""
     files = [p for pattern in ("*.py", "data_sets/*.py", "evaluation/*.py") for p in ROOT.glob(pattern)]
     lines = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in files}
     total, methods = sum(lines.values()), sum(lines[f] for f in MODULE_FILES.values())
     assert lines["common.py"] <= 600 and lines["cli.py"] <= 300, lines
-    assert total <= 3640 and methods >= 0.327 * total, (methods, total, lines)
+    assert total <= 3641 and methods >= 0.327 * total, (methods, total, lines)
