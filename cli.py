@@ -19,7 +19,6 @@ import tokenize
 import typing
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -36,6 +35,7 @@ import simmim
 from evaluation import evaluate
 
 console, err_console = Console(), Console(stderr=True)
+ClickError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")  # typer vendors click
 MODULES = {"mae": mae, "simmim": simmim, "pr-mim": pr_mim, "i-mae": imae, "revcolv2": revcolv2}
 METHODS = {name: (module, evaluate.model_class(module)) for name, module in MODULES.items()}  # (file, model)
 
@@ -290,7 +290,7 @@ def main(args=None):
         code = error(str(e), {FloatingPointError: 1, InterruptedError: 130}.get(type(e), 2))
     except typer.Abort:
         code = 130
-    except click.ClickException as e:  # click's usage errors: no such command, ...
+    except ClickError as e:  # click's usage errors: no such command, ...
         ctx = getattr(e, "ctx", None)
         code = error(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx else ""), e.exit_code)
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -15,6 +15,7 @@ from conftest import ForkedCli, run_cli
 
 PRETRAIN = ("pretrain", "mae", "--preset", "tiny", "--out", "{new}")
 CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: a prepared file, see `prepared`
+    ("unknown-command", ("no-such-command",), "No such command 'no-such-command'. (see `cli.py --help`)", 2),
     # pretrain
     ("unknown-method", ("pretrain", "no-such-method"), "unknown method 'no-such-method'", 2),
     ("not-a-number", (*PRETRAIN, "--epochs", "many"), "Invalid value for '--epochs'", 2),

@@ -3,6 +3,7 @@ registered in cli.METHODS, so a new method file is covered as soon as it is regi
 
 import ast
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -158,6 +159,20 @@ def test_imports_go_one_way():
         assert our_imports(path) <= {"common", "data_sets", "evaluation"}, path.name
     for filename in MODULE_FILES.values():
         assert our_imports(ROOT / filename) <= {"common", "cli"}, filename  # cli: the __main__ hand-off only
+
+
+def test_the_code_imports_only_what_a_fresh_install_has():
+    """Every import of the code a run uses (at the top or inside a function) is the standard library, ours, or a
+    dependency pyproject.toml declares (PIL: torchvision's). `import click` passed here while a test dependency
+    pulled click in, and failed on the README's fresh install: typer 0.29 vendors click instead of requiring it."""
+    declared = re.search(r"^dependencies = \[(.*)\]", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    allowed = {re.match(r'"([\w-]+)', d.strip()).group(1) for d in declared.split(",")} | {"PIL"}
+    allowed |= set(sys.stdlib_module_names) | {p.stem for p in ROOT.glob("*.py")} | {"data_sets", "evaluation"}
+    for path in [p for pattern in ("*.py", "data_sets/*.py", "evaluation/*.py") for p in ROOT.glob(pattern)]:
+        for node in ast.walk(tree(path)):
+            if isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom) and node.level == 0):
+                for name in [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]:
+                    assert name.split(".")[0] in allowed, f"{path.name} imports {name}, not in pyproject.toml"
 
 
 def test_top_level_holds_the_design_cards_files():
