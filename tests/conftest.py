@@ -10,6 +10,21 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# SIGKILL (a crash, the OOM killer) from inside the run, just before its 6th optimiser step: step 5 has been logged,
+# and it is neither a checkpoint (every 3rd) nor an epoch end (every 8th). A kill from the test after polling the log
+# missed that one-step window on a fast machine (steps of a few ms), and the run ended first.
+KILL_BEFORE_STEP_6 = r"""
+import os, signal
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+calls = []
+def kill(optimizer, args, kwargs):
+    calls.append(1)
+    if len(calls) == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+register_optimizer_step_pre_hook(kill)
+"""
+
 _server = None  # run_cli's ForkedCli, started on first use
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_torchrun
+from conftest import KILL_BEFORE_STEP_6, ROOT, run_torchrun
 
 import common
 
@@ -362,20 +362,6 @@ def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(server, tmp_path):
 
 METHOD_NAMES = ["mae", "simmim", "pr-mim", "i-mae", "revcolv2"]
 DROP_PATH = 0.1
-
-# SIGKILL (a crash, the OOM killer) from inside the run, just before its 6th optimiser step: step 5 has been logged,
-# and it is neither a checkpoint (every 3rd) nor an epoch end (every 8th). A kill from the test after polling the log
-# missed that one-step window on a fast machine (steps of a few ms), and the run ended first.
-KILL_BEFORE_STEP_6 = r"""
-import os, signal
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-calls = []
-def kill(optimizer, args, kwargs):
-    calls.append(1)
-    if len(calls) == 6:
-        os.kill(os.getpid(), signal.SIGKILL)
-register_optimizer_step_pre_hook(kill)
-"""
 
 
 def resume_args(method, drop_path):
