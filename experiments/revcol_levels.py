@@ -64,14 +64,14 @@ def effective_rank(x):
 for run in sys.argv[1:]:
     print(f"| {Path(run).name} | linear (trained) | effective rank (trained) | linear (random init) | effective rank |")
     print("|---|---|---|---|---|")
+    (model, info), (random_model, _) = (evaluate.load_model(run, cli.method_of, random_init=r) for r in (False, True))
+    if info["method"] != "revcolv2":
+        raise SystemExit(f"{run} is a {info['method']} run: this reads the levels of RevColV2 runs")
+    data, train_set, val_set = evaluate.eval_datasets(evaluate.EvalConfig(), info)  # once: the same for both models
+    tf = data_sets.transform(data, model.cfg.img_size, train=False)
     rows = {}
-    for random_init in (False, True):
-        model, info = evaluate.load_model(run, cli.method_of, random_init=random_init, seed=0)
-        if info["method"] != "revcolv2":
-            raise SystemExit(f"{run} is a {info['method']} run: this reads the levels of RevColV2 runs")
-        data, train_set, val_set = evaluate.eval_datasets(evaluate.EvalConfig(), info)
-        tf = data_sets.transform(data, model.cfg.img_size, train=False)
-        (train, train_y), (val, val_y) = (level_features(model.eval(), d, tf) for d in (train_set, val_set))
+    for m in (model, random_model):
+        (train, train_y), (val, val_y) = (level_features(m.eval(), d, tf) for d in (train_set, val_set))
         for name in train:
             acc = linear_accuracy(train[name], train_y, val[name], val_y, len(train_set.classes))
             rows.setdefault(name, []).extend([f"{100 * acc:.1f}", f"{effective_rank(train[name]):.1f}"])

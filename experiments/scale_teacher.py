@@ -52,14 +52,15 @@ if (args.mean_square is None) != (args.out is None) or (args.out and len(args.ru
     raise SystemExit("--mean-square M and --out DIR go together, with one run to copy")
 if args.mean_square is not None and args.mean_square <= 0:
     raise SystemExit(f"--mean-square must be positive, got {args.mean_square}")
-for run in args.runs:
-    print(f"{run}: target mean square {target_mean_square(run):.3f}")
+squares = {run: target_mean_square(run) for run in args.runs}
+for run, square in squares.items():
+    print(f"{run}: target mean square {square:.3f}")
 if args.out:
     out = Path(args.out)
     if (out / "checkpoint.pt").exists():
         raise SystemExit(f"{out} already holds a checkpoint: pass a new --out")
     ckpt = common.load_checkpoint(args.runs[0])
-    scale = (args.mean_square / target_mean_square(args.runs[0])) ** 0.5  # the target is linear in the embedding
+    scale = (args.mean_square / squares[args.runs[0]]) ** 0.5  # the target is linear in the embedding
     for p in ("weight", "bias"):
         ckpt["model"][f"decoder_embed.{p}"] *= scale
     out.mkdir(parents=True, exist_ok=True)
