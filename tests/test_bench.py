@@ -1,9 +1,12 @@
 """bench.py and `cli.py bench`: FLOPs against a hand count, the grouped-conv correction, saved bytes
-counted once per storage, ratios, BENCH_VARIANTS rows, and the command line."""
+counted once per storage, ratios, the --vary rows, and the command line."""
 
 import ast
+import dataclasses
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,9 +21,10 @@ import cli
 import common
 import data_sets
 import mae
-from evaluation import bench
+import pr_mim
+from evaluation import bench, loader_bench
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread is faster, above all on a busy machine
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread is faster, on a busy machine most
 
 
 class Wrap(nn.Module):
@@ -36,19 +40,26 @@ class Wrap(nn.Module):
 
 
 def test_flops_of_mae_match_a_hand_count():
-    cfg, _ = cli.resolve(mae, "tiny", None, {})  # 32 px, patch 8: N = 16, 4 visible; 64-d x 2, decoder 32-d x 1
+    cfg, _ = cli.resolve(mae, "tiny", None, {})  # 32 px, patch 8; 64-d x 2, decoder 32-d x 1
     torch.manual_seed(0)
-    fwd, total = bench.count_flops(mae.MAE(cfg), torch.randn(2, 3, 32, 32), {"noise": torch.rand(2, 16)})
-    N, P, D, Dd = 16, 8, 64, 32
-    T, Td = 1 + 4, 1 + N  # tokens in the encoder and in the decoder
+    imgs = torch.randn(2, 3, 32, 32)
+    fwd, total = bench.count_flops(mae.MAE(cfg), imgs, {"noise": torch.rand(2, 16)})
+    N = 16  # patches, 4 of them visible
+    P = 8
+    D = 64
+    Dd = 32
+    T = 1 + 4  # tokens in the encoder
+    Td = 1 + N  # tokens in the decoder
 
-    def block(t, d):  # qkv, q @ k^T and attn @ v (run on the MATH backend), proj, MLP; 2 FLOPs a multiply-add
+    def block(t, d):  # qkv, q @ k^T and attn @ v (MATH backend), proj, MLP; 2 FLOPs a multiply-add
         return 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * 4 * d
 
     patch_embed = 2 * N * D * P * P * 3
-    forward = patch_embed + 2 * block(T, D) + 2 * T * D * Dd + block(Td, Dd) + 2 * Td * Dd * P * P * 3
+    encoder = patch_embed + 2 * block(T, D)
+    decoder = 2 * T * D * Dd + block(Td, Dd) + 2 * Td * Dd * P * P * 3
+    forward = encoder + decoder
     assert fwd == 2 * forward
-    assert total == 2 * (3 * forward - patch_embed)  # backward twice the forward; the image needs no gradient
+    assert total == 2 * (3 * forward - patch_embed)  # backward: twice; the image needs no gradient
 
 
 def test_grouped_conv_backward_is_counted_as_twice_its_forward():
@@ -82,87 +93,118 @@ def test_saved_bytes_count_each_storage_once_and_leave_parameters_out():
     # the math attention keeps the (B, heads, N, N) attention map; the fused kernel does not
     block = Wrap(common.Attention(64, 4))
     x = torch.randn(2, 256, 64, requires_grad=True)
-    fused, math = bench.saved_bytes(block, x, {}), bench.saved_bytes(block, x, {}, math_attention=True)
+    fused = bench.saved_bytes(block, x, {})
+    math = bench.saved_bytes(block, x, {}, math_attention=True)
     assert math - fused > 0.99 * 2 * 4 * 256 * 256 * 4  # fp32 maps of 2 images x 4 heads
 
 
+CONTRACT = set(
+    "img_size patch_size in_chans embed_dim depth num_heads mlp_ratio decoder_embed_dim"
+    " decoder_depth decoder_num_heads drop_path".split()
+)  # the Config fields the plumbing may name
+
+
 def test_bench_never_names_a_method():
+    """bench.py names no method; no file of evaluation/ names a method's own Config field (one
+    outside the contract): not in its code (a name, an attribute, a keyword, a string), nor, for the
+    fields with an underscore (unmistakable: norm_pix_loss), in a comment or docstring."""
     words = {"mae", "simmim", "pr_mim", "pr-mim", "prmim", "imae", "i-mae", "revcol", "revcolv2"}
     for node in ast.walk(ast.parse((ROOT / "evaluation" / "bench.py").read_text())):
-        text = node.id if isinstance(node, ast.Name) else node.value if isinstance(node, ast.Constant) else ""
+        text = ""
+        if isinstance(node, ast.Name):
+            text = node.id
+        elif isinstance(node, ast.Constant):
+            text = node.value
         if isinstance(text, str):
             assert not words & set(text.lower().replace("(", " ").replace(")", " ").split()), text
+    configs = [module.Config for module, _ in cli.METHODS.values()]
+    own = {f.name for cfg in configs for f in dataclasses.fields(cfg)} - CONTRACT
+    assert {"norm_pix_loss", "mask_ratio", "throw", "reversible"} <= own
+    for path in sorted((ROOT / "evaluation").glob("*.py")):
+        source = path.read_text()
+        named = {w for w in re.findall(r"\w+", source) if "_" in w}
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Name):
+                named.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                named.add(node.attr)
+            elif isinstance(node, ast.keyword):
+                named.add(node.arg)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                named.add(node.value)
+        assert not named & own, (path.name, sorted(named & own))
 
 
-def test_cli_bench_compare_with_variants_as_json():
-    result = run_cli(
-        "bench",
-        "pr-mim",
-        "--preset",
-        "tiny",
-        "--compare",
-        "mae",
-        "--batch-size",
-        "2",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--rounds",
-        "1",
-        "--json",
-        env=ONE_THREAD,
-    )
+FAST = ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--rounds", "1"]
+
+
+def test_cli_bench_compare_with_vary_rows_as_json():
+    vary = "throw=0.25; throw=0.65; throw=0.5,progressive=false; throw=0.65, progressive=0"
+    args = ["pr-mim", *FAST, "--compare", "mae", "--vary", vary, "--json"]
+    result = run_cli("bench", *args, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr + result.stdout
     rows = {r["name"]: r for r in json.loads(result.stdout)}
-    assert list(rows)[:2] == ["mae", "pr-mim"] and "pr-mim: throw 0.65, no progressive" in rows  # BENCH_VARIANTS rows
+    varied = ["throw=0.25", "throw=0.65", "throw=0.5, progressive=False"]
+    varied.append("throw=0.65, progressive=False")
+    assert list(rows) == ["mae", "pr-mim", *(f"pr-mim: {v}" for v in varied)]
     assert all(r["ratio"]["gflops"] == r["gflops"] / rows["mae"]["gflops"] for r in rows.values())
     # throwing more tokens costs fewer FLOPs and saves fewer activations; progressive adds a little
     g = {name: r["gflops"] for name, r in rows.items()}
-    assert g["pr-mim: throw 0.65"] < g["pr-mim"] < g["pr-mim: throw 0.25"] < g["mae"]
-    assert g["pr-mim: throw 0.5, no progressive"] < g["pr-mim"]
+    assert g["pr-mim: throw=0.65"] < g["pr-mim"] < g["pr-mim: throw=0.25"] < g["mae"]
+    assert g["pr-mim: throw=0.5, progressive=False"] < g["pr-mim"]
     assert rows["pr-mim"]["saved_mb"] < rows["mae"]["saved_mb"]
     assert rows["pr-mim"]["step_ms"] > 0 and rows["pr-mim"]["inputs_ms"] > 0
-    for r in rows.values():  # images/s: the batch over the median step; no MFU on a CPU (no peak to divide by)
+    # images/s: the batch over the median step; no MFU on a CPU (no peak to divide by)
+    for r in rows.values():
         assert r["images_per_s"] == pytest.approx(2 / (r["step_ms"] / 1e3)) and r["mfu"] is None
 
 
-def test_cli_bench_table_skips_impossible_variants_and_refuses_bad_options():
-    result = run_cli(
-        "bench",
-        "pr-mim",
-        "--preset",
-        "tiny",
-        "--mask-ratio",
-        "0.6",
-        "--compare",
-        "simmim",
-        "--batch-size",
-        "2",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--rounds",
-        "1",
-        env=ONE_THREAD,
-    )
+def test_vary_reads_each_value_as_its_fields_type():
+    text = " progressive=0 ; ; progressive=TRUE, sampling=random;"
+    assert bench.vary_rows(text, pr_mim.Config, "x") == [
+        ("progressive=False", {"progressive": False}),
+        ("progressive=True, sampling=random", {"progressive": True, "sampling": "random"}),
+    ]
+    assert bench.vary_rows("kernel_size=3,throw=0.25", pr_mim.Config, "x") == [
+        ("kernel_size=3, throw=0.25", {"kernel_size": 3, "throw": 0.25})
+    ]
+    assert bench.vary_rows("", pr_mim.Config, "x") == []
+    for bad in ("nonsense=1", "throw", "throw=abc", "progressive=maybe", "kernel_size=3.5"):
+        with pytest.raises(ValueError, match="x's Config fields: img_size, .*, throw, "):
+            bench.vary_rows(bad, pr_mim.Config, "x")
+
+
+def test_cli_bench_table_skips_impossible_rows_and_refuses_bad_options():
+    args = ["pr-mim", *FAST, "--mask-ratio", "0.6", "--compare", "simmim"]
+    result = run_cli("bench", *args, "--vary", "throw=0.65; throw=0.25", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr + result.stdout
     assert "GFLOPs/img fwd+bwd" in result.stdout and "simmim" in result.stdout
-    assert "skipped pr-mim: throw 0.65" in result.stdout  # above the mask ratio 0.6
+    assert "skipped pr-mim: throw=0.65" in result.stdout  # above the mask ratio 0.6
+    assert "pr-mim: throw=0.25" in result.stdout
     with pytest.raises(ValueError, match="--steps"):
         bench.BenchConfig(steps=0)
     result = run_cli("bench", "mae", "--preset", "tiny", "--amp", "fp8", env=ONE_THREAD)
-    assert result.returncode == 2 and result.stderr.strip() == "error: --amp must be bf16, fp16 or fp32, got 'fp8'"
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --amp must be bf16, fp16 or fp32, got 'fp8'"
+    for vary, problem in (("nonsense=1", "has no field 'nonsense'"), ("throw=abc", "throw='abc'")):
+        result = run_cli("bench", "pr-mim", "--preset", "tiny", "--vary", vary)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: --vary: ") and problem in line, line
+        assert "pr-mim's Config fields: img_size" in line and "throw, sampling" in line
 
 
 def test_the_timed_step_is_trains_step_with_the_optimizer_step_inside(monkeypatch):
-    """bench.measure times forward, backward and AdamW's step (betas and groups of common.pretrain, not fused on a CPU),
-    under torch.compile with --compile: each AdamW step made 50 ms slower here must show in every timed step, the
-    parameters must move, and the compiled module must be the one run."""
+    """bench.measure times forward, backward and AdamW's step (betas and groups of common.pretrain,
+    not fused on a CPU), under torch.compile with --compile: each AdamW step made 50 ms slower here
+    must show in every timed step, the parameters must move, and the compiled module must be the one
+    run."""
     cfg, _ = cli.resolve(mae, "tiny", None, {})
     torch.manual_seed(0)
-    model, made, steps, compiled = mae.MAE(cfg), [], [], []
+    model = mae.MAE(cfg)
+    made = []
+    steps = []
+    compiled = []
     before = [p.detach().clone() for p in model.parameters()]
 
     class Slow(torch.optim.AdamW):
@@ -175,19 +217,22 @@ def test_the_timed_step_is_trains_step_with_the_optimizer_step_inside(monkeypatc
             steps.append(1)
             return super().step(closure)
 
-    def fake_compile(module):  # the wiring only; a real compile is slow on a CPU: the slow test below
+    def fake_compile(module):  # the wiring only; a real compile is slow on a CPU: the slow test
         compiled.append(module)
         return lambda *args, **kwargs: module(*args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", Slow)
     monkeypatch.setattr(torch, "compile", fake_compile)
+    timing = (2, 3, 1, torch.device("cpu"))  # batch, steps, warm-up steps, device
     row = bench.measure(
-        lambda c: model, cfg, mae.sample_inputs, 2, 3, 1, torch.device("cpu"), static=False, compile=True
+        lambda c: model, cfg, mae.sample_inputs, *timing, static=False, compile=True
     )
     ((optimizer, kwargs),) = made
-    assert len(steps) == 1 + 3 and len(row["times"]) == 3 and min(row["times"]) >= 0.05 and compiled == [model]
+    assert len(steps) == 1 + 3 and len(row["times"]) == 3 and min(row["times"]) >= 0.05
+    assert compiled == [model]
     assert kwargs["betas"] == (0.9, 0.95) and kwargs["fused"] is False
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [common.TrainConfig.weight_decay, 0.0]
+    decays = [g["weight_decay"] for g in optimizer.param_groups]
+    assert decays == [common.TrainConfig.weight_decay, 0.0]
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()) if p.requires_grad)
 
 
@@ -201,9 +246,17 @@ def test_images_per_s_and_mfu_of_a_row_from_the_peak_table(monkeypatch):
 
 
 def test_peak_flops_by_device_name(monkeypatch):
-    names = {"NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA H100 80GB HBM3": 989e12}
-    names |= {"NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12, "NVIDIA H100 NVL": None, "NVIDIA H200 NVL": None}
-    names |= {"NVIDIA GeForce RTX 4090": None, "NVIDIA RTX A1000": None}  # not in the table: "-"
+    names = {
+        "NVIDIA A100-SXM4-80GB": 312e12,
+        "NVIDIA A100 80GB PCIe": 312e12,
+        "NVIDIA H100 80GB HBM3": 989e12,
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA H200": 989e12,
+        "NVIDIA H100 NVL": None,
+        "NVIDIA H200 NVL": None,
+        "NVIDIA GeForce RTX 4090": None,  # not in the table: "-"
+        "NVIDIA RTX A1000": None,
+    }
     for name, peak in names.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert bench.peak_flops(torch.device("cuda", 0)) == peak, name
@@ -212,7 +265,7 @@ def test_peak_flops_by_device_name(monkeypatch):
 
 @pytest.mark.slow
 def test_cli_bench_accepts_compile():
-    args = ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--rounds", "1", "--no-variants", "--json"]
+    args = ["--preset", "tiny", "--batch-size", "2", "--steps", "1", "--rounds", "1", "--json"]
     result = run_cli("bench", "mae", *args, "--compile", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr + result.stdout
     (row,) = json.loads(result.stdout)
@@ -224,64 +277,65 @@ def test_gpu_check_compares_every_step_of_the_losses():
 
     eager = {1: 2.0, 2: 1.5}
     assert gpu_check.compare(eager, {1: 2.02, 2: 1.51}) == (pytest.approx(0.01), True)
-    assert not gpu_check.compare(eager, {1: 2.0, 2: 1.6})[1] and not gpu_check.compare(eager, {1: 2.0})[1]
+    assert not gpu_check.compare(eager, {1: 2.0, 2: 1.6})[1]
+    assert not gpu_check.compare(eager, {1: 2.0})[1]
     assert not gpu_check.compare({}, {})[1]  # no logged loss at all is a failure, not a pass
 
 
 @pytest.mark.slow
 def test_gpu_check_small_form_runs_on_a_cpu(tmp_path):
-    """experiments/gpu_check.py with GPU_CHECK_SMALL=1: every step of the GPU check, on the tiny preset, in fp32."""
+    """experiments/gpu_check.py with GPU_CHECK_SMALL=1: every step of the GPU check, on the tiny
+    preset, in fp32."""
     env = {**os.environ, "GPU_CHECK_SMALL": "1", "OUT": str(tmp_path), **ONE_THREAD}
-    r = subprocess.run([sys.executable, "experiments/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, env=env)
+    command = [sys.executable, "experiments/gpu_check.py"]
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    report, figures = (tmp_path / "gpu_check.txt").read_text(), json.loads((tmp_path / "gpu_check.json").read_text())
+    report = (tmp_path / "gpu_check.txt").read_text()
+    figures = json.loads((tmp_path / "gpu_check.json").read_text())
     assert "OK: compiled losses equal eager ones" in report and "img/s" in report
-    assert len(figures["pretrain losses"]["eager"]) == 4 and len([k for k in figures if "batch" in k]) == 4
+    assert len(figures["pretrain losses"]["eager"]) == 4
+    assert len([k for k in figures if "batch" in k]) == 4
 
 
 def test_cli_bench_data_measures_the_loader_alone():
-    """`bench --data`: images per second of the pre-training loader (augmentation and masks in a worker).
-    Checked against the wall time this test measures around the command: the timed part lies inside it, so
-    the rate is at least the images counted over the whole command's time. The rate itself against a known
-    per-batch time: the next test. (A missing data folder and other bad --data input: tests/test_cli_errors.py.)"""
+    """`bench --data`: images per second of the pre-training loader (augmentation and masks in a
+    worker). Checked against the wall time this test measures around the command: the timed part
+    lies inside it, so the rate is at least the images counted over the whole command's time. The
+    rate itself against a known per-batch time: the next test. (A missing data folder and other bad
+    --data input: tests/test_cli_errors.py.)"""
     tick = time.perf_counter()
-    result = run_cli(
-        "bench",
-        "mae",
-        "--preset",
-        "tiny",
-        "--data",
-        "patterns",
-        "--num-workers",
-        1,
-        "--batches",
-        3,
-        "--json",
-        env=ONE_THREAD,
-    )
+    args = ["--preset", "tiny", "--data", "patterns", "--num-workers", 1, "--batches", 3, "--json"]
+    result = run_cli("bench", "mae", *args, env=ONE_THREAD)
     wall = time.perf_counter() - tick
     assert result.returncode == 0, result.stderr + result.stdout
     row = json.loads(result.stdout)
-    assert row["data"] == "patterns" and row["batch_size"] == 32 and row["num_workers"] == 1  # the preset's batch
+    assert row["data"] == "patterns" and row["num_workers"] == 1
+    assert row["batch_size"] == 32  # the preset's
     assert row["batches"] == 3 and row["warmup_batches"] == 2  # 2 per worker are not timed
     assert row["images"] == 256 and row["img_size"] == 32  # the tiny preset's training set and size
     assert 0 < row["seconds"] < wall and row["images_per_s"] > 3 * 32 / wall
-    assert row["images_per_s"] * row["seconds"] == pytest.approx(3 * 32)  # images counted: batches x batch size
+    # the images counted: batches x batch size
+    assert row["images_per_s"] * row["seconds"] == pytest.approx(3 * 32)
     assert row["ms_per_batch"] == pytest.approx(row["seconds"] / 3 * 1e3)
-    assert [p["path"] for p in row["paths"]] == ["batched", "workers"] and row["path"] == "batched"  # side by side
+    assert [p["path"] for p in row["paths"]] == ["batched", "workers"]  # side by side
+    assert row["path"] == "batched"
 
 
 def test_loader_throughput_times_the_pretraining_loaders_batches_after_the_warmup(monkeypatch):
-    """bench.loader_throughput on the real pre-training loader (data_sets.pretrain_loader), slowed by a known delay per
-    batch: 0.5 s for each warm-up batch, 0.1 s for each timed one, and each batch's real time measured here. The
-    rate must be the timed batches' images over their time (so warm-up is left out and every image counts),
-    within 25% for the overhead between batches; the batches bench pulls are the loader's augmented images, with
-    the method's masks, across an epoch boundary (64 images, batch 32: 2 batches an epoch)."""
+    """loader_bench.loader_throughput on the real pre-training loader (data_sets.pretrain_loader),
+    slowed by a known delay per batch: 0.5 s for each warm-up batch, 0.1 s for each timed one, and
+    each batch's real time measured here. The rate must be the timed batches' images over their time
+    (so warm-up is left out and every image counts), within 25% for the overhead between batches;
+    the batches bench pulls are the loader's augmented images, with the method's masks, across an
+    epoch boundary (64 images, batch 32: 2 batches an epoch)."""
     cfg, _ = cli.resolve(mae, "tiny", None, {})
     train_set = data_sets.load_dataset("patterns", "train", "data", 64, cfg.img_size)
-    real_loader, pulled, warmup, timed = data_sets.pretrain_loader, [], 2, 3
+    real_loader = data_sets.pretrain_loader
+    pulled = []
+    warmup = 2
+    timed = 3
 
-    class Slowed:  # the loader, each batch `delay` seconds later; records what was pulled and how long it took
+    class Slowed:  # the loader, each batch later; records what was pulled and how long it took
         def __init__(self, loader):
             self.loader = loader
 
@@ -305,23 +359,27 @@ def test_loader_throughput_times_the_pretraining_loaders_batches_after_the_warmu
 
     monkeypatch.setattr(data_sets, "pretrain_loader", slowed_pretrain_loader)
     tcfg = common.TrainConfig(data="patterns", batch_size=32, num_workers=0)
-    result = bench.loader_throughput(train_set, cfg, tcfg, lambda g: mae.sample_inputs(cfg, g), timed, warmup, "cpu")
+    inputs = functools.partial(mae.sample_inputs, cfg)
+    result = loader_bench.loader_throughput(train_set, cfg, tcfg, inputs, timed, warmup, "cpu")
     assert len(pulled) == warmup + timed  # exactly the warm-up and the timed batches were drawn
     expected = timed * 32 / sum(seconds for _, seconds in pulled[warmup:])
     assert expected / 1.25 < result["images_per_s"] <= expected * 1.001, (result, expected)
     assert result["images_per_s"] * result["seconds"] == pytest.approx(timed * 32)
     evaluation = data_sets.transform("patterns", cfg.img_size, False)
-    plain = torch.stack([evaluation(train_set[i][0]) for i in range(len(train_set))])  # (64, 3, 32, 32), un-augmented
+    plain = [evaluation(train_set[i][0]) for i in range(len(train_set))]
+    plain = torch.stack(plain)  # (64, 3, 32, 32), un-augmented
     for (imgs, labels, inputs), _ in pulled:
-        assert imgs.shape == (32, 3, 32, 32) and labels.shape == (32,) and inputs["noise"].shape == (32, 16)
+        assert imgs.shape == (32, 3, 32, 32) and labels.shape == (32,)
+        assert inputs["noise"].shape == (32, 16)
         assert torch.isfinite(imgs).all() and 0.3 < imgs.std() < 3  # normalised images
         nearest = (imgs[:, None] - plain[None]).abs().flatten(2).amax(-1).min(1).values  # (32,)
-        assert (nearest > 1e-3).float().mean() > 0.8  # random crops and flips (a few whole, unflipped images)
+        # random crops and flips (a few whole, unflipped images)
+        assert (nearest > 1e-3).float().mean() > 0.8
     assert not torch.equal(pulled[0][0][0], pulled[2][0][0])  # epoch 1 is another epoch's draw
 
 
 def test_flops_of_a_reversible_backward_count_its_recomputed_forward():
-    import revcolv2  # its backward recomputes the forward with torch.autograd.grad inside a custom Function
+    import revcolv2  # its backward recomputes the forward (torch.autograd.grad in a Function)
 
     torch.manual_seed(0)
     cfg = dict(img_size=16, patch_size=4, embed_dim=32, num_heads=2)
@@ -331,7 +389,10 @@ def test_flops_of_a_reversible_backward_count_its_recomputed_forward():
     for reversible in (True, False):
         model = revcolv2.RevColV2(revcolv2.Config(**cfg, reversible=reversible))
         counts[reversible] = bench.count_flops(model, imgs, {"noise": noise})
-    (fwd_rev, total_rev), (fwd_plain, total_plain) = counts[True], counts[False]
+    fwd_rev, total_rev = counts[True]
+    fwd_plain, total_plain = counts[False]
     assert fwd_rev == fwd_plain > 0
-    stem_and_head = 2 * (2 * 2 * 16 * (4 * 4 * 3) * 32)  # patch embedding and pixel head: B N (P P C) D MACs each
-    assert total_rev == total_plain + fwd_plain - stem_and_head  # plus one recomputed forward of every column
+    # patch embedding and pixel head: B N (P P C) D multiply-adds each
+    stem_and_head = 2 * (2 * 2 * 16 * (4 * 4 * 3) * 32)
+    # plus one recomputed forward of every column
+    assert total_rev == total_plain + fwd_plain - stem_and_head

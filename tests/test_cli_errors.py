@@ -1,5 +1,5 @@
-"""Bad input to every CLI command: a non-zero exit (2 for usage errors), one last line on stderr that
-names the problem, no traceback, and nothing already on disk changed.
+"""Bad input to every CLI command: a non-zero exit (2 for usage errors), one last line on stderr
+that names the problem, no traceback, and nothing already on disk changed.
 
 Each case is one command in a process of its own, run by conftest.ForkedCli (cli.main(ARGS), what
 `python cli.py ARGS` runs, forked from a process that imported cli.py once, so the ~50 cases do not
@@ -14,17 +14,43 @@ import torch
 from conftest import ForkedCli, run_cli
 
 PRETRAIN = ("pretrain", "mae", "--preset", "tiny", "--out", "{new}")
-CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: a prepared file, see `prepared`
-    ("unknown-command", ("no-such-command",), "No such command 'no-such-command'. (see `cli.py --help`)", 2),
+# (id, arguments, words of the last stderr line, exit code); {name}: a prepared file, see `prepared`
+CASES = [
+    (
+        "unknown-command",
+        ("no-such-command",),
+        "No such command 'no-such-command'. (see `cli.py --help`)",
+        2,
+    ),
     # pretrain
     ("unknown-method", ("pretrain", "no-such-method"), "unknown method 'no-such-method'", 2),
     ("not-a-number", (*PRETRAIN, "--epochs", "many"), "Invalid value for '--epochs'", 2),
-    ("unknown-option", (*PRETRAIN, "--no-such-option", 1), "no such option --no-such-option (see `python cli", 2),
+    (
+        "unknown-option",
+        (*PRETRAIN, "--no-such-option", 1),
+        "no such option --no-such-option (see `python cli",
+        2,
+    ),
     ("option-without-value", (*PRETRAIN, "--epochs"), "--epochs needs a value", 2),
-    ("flag-with-a-value", (*PRETRAIN, "--compile=yes"), "--compile is a flag: pass --compile or --no-compile", 2),
-    ("stray-argument", (*PRETRAIN, "simmim"), "pretrain takes one method then options, got 'simmim'", 2),
+    (
+        "flag-with-a-value",
+        (*PRETRAIN, "--compile=yes"),
+        "--compile is a flag: pass --compile or --no-compile",
+        2,
+    ),
+    (
+        "stray-argument",
+        (*PRETRAIN, "simmim"),
+        "pretrain takes one method then options, got 'simmim'",
+        2,
+    ),
     ("unknown-preset", (*PRETRAIN, "--preset", "huge"), "unknown preset 'huge'", 2),
-    ("mask-ratio-above-1", (*PRETRAIN, "--mask-ratio", 1.5), "--mask-ratio must be in (0, 1), got 1.5", 2),
+    (
+        "mask-ratio-above-1",
+        (*PRETRAIN, "--mask-ratio", 1.5),
+        "--mask-ratio must be in (0, 1), got 1.5",
+        2,
+    ),
     ("mask-ratio-0", (*PRETRAIN, "--mask-ratio", 0), "--mask-ratio must be in (0, 1), got 0", 2),
     (
         "throw-above-mask-ratio",
@@ -35,7 +61,13 @@ CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: 
     (
         "img-not-multiple-of-patch",
         (*PRETRAIN, "--img-size", 30),
-        "image size 30 is not a multiple of the patch size 8",
+        "--img-size 30 is not a multiple of --patch-size 8",
+        2,
+    ),
+    (
+        "width-not-divisible-by-heads",
+        (*PRETRAIN, "--num-heads", 3),
+        "--embed-dim 64 is not divisible by 3 heads",
         2,
     ),
     (
@@ -47,8 +79,18 @@ CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: 
     ("negative-depth", (*PRETRAIN, "--depth", -1), "--depth must not be negative, got -1", 2),
     ("unknown-device", (*PRETRAIN, "--device", "tpu0"), "unknown --device 'tpu0'", 2),
     ("unknown-data", (*PRETRAIN, "--data", "mnist"), "unknown data set 'mnist'", 2),
-    ("missing-data-folder", (*PRETRAIN, "--data", "folder", "--data-dir", "{missing}"), "does not exist", 2),
-    ("empty-data-folder", (*PRETRAIN, "--data", "folder", "--data-dir", "{empty}"), "no images in class folders", 2),
+    (
+        "missing-data-folder",
+        (*PRETRAIN, "--data", "folder", "--data-dir", "{missing}"),
+        "does not exist",
+        2,
+    ),
+    (
+        "empty-data-folder",
+        (*PRETRAIN, "--data", "folder", "--data-dir", "{empty}"),
+        "no images in class folders",
+        2,
+    ),
     (
         "grey-data-colour-model",
         (*PRETRAIN, "--data", "fashion-mnist", "--in-chans", 3),
@@ -63,10 +105,30 @@ CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: 
     ),
     ("zero-epochs", (*PRETRAIN, "--epochs", 0), "--epochs must be at least 1, got 0", 2),
     ("negative-epochs", (*PRETRAIN, "--epochs", -3), "--epochs must be at least 1, got -3", 2),
-    ("zero-batch-size", (*PRETRAIN, "--batch-size", 0), "--batch-size must be at least 1, got 0", 2),
-    ("fewer-images-than-a-batch", (*PRETRAIN, "--train-size", 8), "8 training images are fewer than one step needs", 1),
-    ("out-holds-a-run", ("pretrain", "mae", "--preset", "tiny", "--out", "{run}"), "already holds a run", 2),
-    ("out-is-a-file", ("pretrain", "mae", "--preset", "tiny", "--out", "{text}"), "is a file, not a run folder", 2),
+    (
+        "zero-batch-size",
+        (*PRETRAIN, "--batch-size", 0),
+        "--batch-size must be at least 1, got 0",
+        2,
+    ),
+    (
+        "fewer-images-than-a-batch",
+        (*PRETRAIN, "--train-size", 8),
+        "8 training images are fewer than one step needs",
+        1,
+    ),
+    (
+        "out-holds-a-run",
+        ("pretrain", "mae", "--preset", "tiny", "--out", "{run}"),
+        "already holds a run",
+        2,
+    ),
+    (
+        "out-is-a-file",
+        ("pretrain", "mae", "--preset", "tiny", "--out", "{text}"),
+        "is a file, not a run folder",
+        2,
+    ),
     ("resume-without-out", ("pretrain", "mae", "--resume"), "--resume needs --out", 2),
     (
         "resume-changes-a-setting",
@@ -98,25 +160,80 @@ CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: 
         "fashion-mnist has 1 channel(s) but the model takes 3",
         2,
     ),
-    ("linprobe-negative-epochs", ("linprobe", "{run}", "--epochs", -1), "--epochs must be at least 1, got -1", 2),
+    (
+        "linprobe-negative-epochs",
+        ("linprobe", "{run}", "--epochs", -1),
+        "--epochs must be at least 1, got -1",
+        2,
+    ),
     ("knn-out-is-a-file", ("knn", "{run}", "--out", "{text}"), "is a file, not a result folder", 2),
-    ("knn-negative-workers", ("knn", "{run}", "--num-workers", -1), "--num-workers must not be negative", 2),
-    ("finetune-zero-epochs", ("finetune", "{run}", "--epochs", 0), "--epochs must be at least 1, got 0", 2),
-    ("finetune-min-crop-0", ("finetune", "{run}", "--min-crop", 0), "--min-crop must be in (0, 1] (a fraction", 2),
+    (
+        "knn-negative-workers",
+        ("knn", "{run}", "--num-workers", -1),
+        "--num-workers must not be negative",
+        2,
+    ),
+    (
+        "finetune-zero-epochs",
+        ("finetune", "{run}", "--epochs", 0),
+        "--epochs must be at least 1, got 0",
+        2,
+    ),
+    (
+        "finetune-min-crop-0",
+        ("finetune", "{run}", "--min-crop", 0),
+        "--min-crop must be in (0, 1] (a fraction",
+        2,
+    ),
     (
         "finetune-batch-above-the-data",
         ("finetune", "{run}", "--batch-size", 4096, "--num-workers", 0),
         "256 training images are fewer than one step needs (4096)",
         2,
     ),
-    ("visualize-zero-images", ("visualize", "{run}", "--num-images", 0), "--num-images must be at least 1", 2),
-    ("separability-zero-images", ("separability", "{run}", "--images", 0), "--images at least 4", 2),
-    ("separability-alphas-not-numbers", ("separability", "{run}", "--alphas", "a,b"), "--alphas must be numbers", 2),
-    ("export-out-exists", ("export", "{run}", "--out", "{text}"), "already exists: pass --overwrite", 2),
+    (
+        "visualize-zero-images",
+        ("visualize", "{run}", "--num-images", 0),
+        "--num-images must be at least 1",
+        2,
+    ),
+    (
+        "separability-zero-images",
+        ("separability", "{run}", "--images", 0),
+        "--images at least 4",
+        2,
+    ),
+    (
+        "separability-alphas-not-numbers",
+        ("separability", "{run}", "--alphas", "a,b"),
+        "--alphas must be numbers",
+        2,
+    ),
+    (
+        "export-out-exists",
+        ("export", "{run}", "--out", "{text}"),
+        "already exists: pass --overwrite",
+        2,
+    ),
     # bench
-    ("bench-unknown-compare", ("bench", "mae", "--preset", "tiny", "--compare", "beit"), "unknown --compare 'beit'", 2),
-    ("bench-zero-batch-size", ("bench", "mae", "--preset", "tiny", "--batch-size", 0), "--batch-size", 2),
-    ("bench-unknown-data", ("bench", "mae", "--preset", "tiny", "--data", "mnist"), "unknown data set 'mnist'", 2),
+    (
+        "bench-unknown-compare",
+        ("bench", "mae", "--preset", "tiny", "--compare", "beit"),
+        "unknown --compare 'beit'",
+        2,
+    ),
+    (
+        "bench-zero-batch-size",
+        ("bench", "mae", "--preset", "tiny", "--batch-size", 0),
+        "--batch-size",
+        2,
+    ),
+    (
+        "bench-unknown-data",
+        ("bench", "mae", "--preset", "tiny", "--data", "mnist"),
+        "unknown data set 'mnist'",
+        2,
+    ),
     (
         "bench-missing-data-folder",
         ("bench", "mae", "--preset", "tiny", "--data", "folder", "--data-dir", "{missing}"),
@@ -130,13 +247,15 @@ CASES = [  # (id, arguments, words of the last stderr line, exit code); {name}: 
         2,
     ),
 ]
-PREPARED = ("run", "truncated_run", "truncated", "text", "empty")  # copied into a case's folder when it names them
+# copied into a case's folder when it names them
+PREPARED = ("run", "truncated_run", "truncated", "text", "empty")
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """run: a two-step tiny MAE run; truncated_run: the same with its checkpoint cut in half (as by a full
-    disk); truncated: that checkpoint alone; text: a text file; empty: a data folder with empty train/, val/."""
+    """run: a two-step tiny MAE run; truncated_run: the same with its checkpoint cut in half (as by
+    a full disk); truncated: that checkpoint alone; text: a text file; empty: a data folder with
+    empty train/, val/."""
     root = tmp_path_factory.mktemp("prepared")
     r = run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 2, "--out", root / "run")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -152,16 +271,21 @@ def prepared(tmp_path_factory):
 
 def snapshot(folder):
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_file()
+        else "folder"
         for p in sorted(folder.rglob("*"))
     }
 
 
 @pytest.fixture(scope="module")
 def outcomes(request, prepared, tmp_path_factory):
-    """{case id: (CompletedProcess, files before, files after)} for the cases selected in this session."""
+    """{case id: (CompletedProcess, files before, files after)} for the cases selected in this
+    session."""
     selected = {
-        item.callspec.id for item in request.session.items if item.path == request.path and hasattr(item, "callspec")
+        item.callspec.id
+        for item in request.session.items
+        if item.path == request.path and hasattr(item, "callspec")
     }
     jobs = {}
     for case_id, args, _, _ in CASES:
@@ -176,7 +300,10 @@ def outcomes(request, prepared, tmp_path_factory):
         jobs[case_id] = (folder, [str(a).format(**paths) for a in args], snapshot(folder))
     with ForkedCli() as cli:
         runs = {case_id: cli.run(*args) for case_id, (_, args, _) in jobs.items()}
-    return {case_id: (runs[case_id], before, snapshot(folder)) for case_id, (folder, _, before) in jobs.items()}
+    return {
+        case_id: (runs[case_id], before, snapshot(folder))
+        for case_id, (folder, _, before) in jobs.items()
+    }
 
 
 @pytest.mark.parametrize("case_id, args, message, code", CASES, ids=[case[0] for case in CASES])
@@ -189,17 +316,11 @@ def test_bad_input(outcomes, case_id, args, message, code):
     assert after == before  # nothing written, changed or removed
 
 
-def test_results_table_tool_gives_one_line_errors(tmp_path):
-    """experiments/results.py, the maintainer's tool behind the README's table: bad folders exit 2 with one line."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
+def test_table_command_gives_one_line_errors(tmp_path):
+    """`cli.py table`, the tool behind the README's table: bad folders exit 2 with one line."""
     (tmp_path / "empty").mkdir()
     for folder, message in (("empty", "no result.json under"), ("missing", "does not exist")):
-        args = [sys.executable, str(ROOT / "experiments" / "results.py"), str(tmp_path / folder)]
-        r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        r = run_cli("table", tmp_path / folder)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2 and lines and message in lines[-1], r.stderr
         assert "Traceback" not in r.stdout + r.stderr

@@ -1,6 +1,7 @@
-"""Forking a method in one step: an edited copy of mae.py anywhere trains with `python my_idea.py` or
-`python cli.py pretrain path/to/my_idea.py`, its new Config field an option, and every evaluation command works
-on its run from another folder after the file is gone: the model is rebuilt from the code in the checkpoint."""
+"""Forking a method in one step: an edited copy of mae.py anywhere trains with `python my_idea.py`
+or `python cli.py pretrain path/to/my_idea.py`, its new Config field an option, and every evaluation
+command works on its run from another folder after the file is gone: the model is rebuilt from the
+code in the checkpoint."""
 
 import json
 import pickle
@@ -18,11 +19,14 @@ TINY = ("--preset", "tiny", "--max-steps", 2)
 
 
 def make_fork(folder):
-    """mae.py copied to folder/my_idea.py, with a new Config field that the loss uses and the model class renamed."""
+    """mae.py copied to folder/my_idea.py, with a new Config field that the loss uses and the model
+    class renamed."""
     source = (ROOT / "mae.py").read_text()
     anchor = "    drop_path: float = 0.0"
     assert source.count(anchor) == 1 and source.count("class MAE(nn.Module):") == 1
-    source = source.replace(anchor, KNOB + anchor).replace("class MAE(nn.Module):", "class MyIdea(nn.Module):")
+    source = source.replace(anchor, KNOB + anchor).replace(
+        "class MAE(nn.Module):", "class MyIdea(nn.Module):"
+    )
     loss = "return (loss * mask).sum() / mask.sum()"
     assert source.count(loss) == 1
     source = source.replace(loss, "return self.cfg.my_knob * (loss * mask).sum() / mask.sum()")
@@ -32,11 +36,22 @@ def make_fork(folder):
 
 @pytest.fixture(scope="module")
 def fork_run(tmp_path_factory):
-    """(folder, run folder, the fork's source): `python my_idea.py ...` in the fork's folder, then the file moved
-    away and a decoy my_idea.py put in its place (importing it fails): only the checkpoint's code rebuilds the model."""
+    """(folder, run folder, the fork's source): `python my_idea.py ...` in the fork's folder, then
+    the file moved away and a decoy my_idea.py put in its place (importing it fails): only the
+    checkpoint's code rebuilds the model."""
     folder = tmp_path_factory.mktemp("fork")
     source = make_fork(folder)
-    args = [sys.executable, "my_idea.py", *map(str, TINY), "--my-knob", "0.3", "--num-workers", "1", "--out", "run"]
+    args = [
+        sys.executable,
+        "my_idea.py",
+        *map(str, TINY),
+        "--my-knob",
+        "0.3",
+        "--num-workers",
+        "1",
+        "--out",
+        "run",
+    ]
     r = subprocess.run(args, cwd=folder, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     (folder / "my_idea.py").rename(folder / "my_idea_moved.py.txt")
@@ -47,33 +62,43 @@ def fork_run(tmp_path_factory):
 def assert_fork_checkpoint(run, source):
     ckpt = common.load_checkpoint(run)
     assert ckpt["method"] == "my_idea" and ckpt["step"] == 2
-    assert ckpt["config"]["my_knob"] == 0.3 and ckpt["config"]["embed_dim"] == 64  # the option, and the preset
+    # the option, and the preset
+    assert ckpt["config"]["my_knob"] == 0.3 and ckpt["config"]["embed_dim"] == 64
     assert ckpt["code"]["my_idea.py"] == source and "def train(" in ckpt["code"]["common.py"]
 
 
 def test_python_my_idea_trains_the_fork_itself(fork_run):
     folder, run, source = fork_run
     assert_fork_checkpoint(run, source)
-    losses = [row["loss"] for row in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in row]
+    losses = [
+        row["loss"]
+        for row in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+        if "loss" in row
+    ]
     assert len(losses) == 2
 
 
 def test_cli_pretrain_takes_the_path_of_a_method_file(tmp_path):
     source = make_fork(tmp_path)
     with ForkedCli() as cli:  # in the project root, the file given by its path elsewhere
-        r = cli.run("pretrain", tmp_path / "my_idea.py", *TINY, "--my-knob", 0.3, "--out", tmp_path / "run")
+        r = cli.run(
+            "pretrain", tmp_path / "my_idea.py", *TINY, "--my-knob", 0.3, "--out", tmp_path / "run"
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert_fork_checkpoint(tmp_path / "run", source)
         r = cli.run("pretrain", tmp_path / "my_idea.py", "--help")
     assert r.returncode == 0, r.stderr
     line = next(line for line in r.stdout.splitlines() if "--my-knob" in line)
     assert "my idea's knob: scales the loss" in line and "[default: 0.5]" in line
-    assert "Config (my_idea.py)" in r.stdout and "--norm-pix-loss" in r.stdout and "--max-steps" in r.stdout
+    assert "Config (my_idea.py)" in r.stdout
+    assert "--norm-pix-loss" in r.stdout
+    assert "--max-steps" in r.stdout
 
 
 def test_every_evaluation_command_runs_on_a_fork_from_its_checkpoint(fork_run):
-    """From the fork's folder (another working directory than the project's), cli.py given by its full path; the
-    fork's file is gone and a decoy that fails on import has its name: the code comes from the checkpoint."""
+    """From the fork's folder (another working directory than the project's), cli.py given by its
+    full path; the fork's file is gone and a decoy that fails on import has its name: the code comes
+    from the checkpoint."""
     folder, run, source = fork_run
     knn = subprocess.run(
         [sys.executable, str(ROOT / "cli.py"), "knn", "run", "--num-workers", "1"],
@@ -85,7 +110,9 @@ def test_every_evaluation_command_runs_on_a_fork_from_its_checkpoint(fork_run):
     assert knn.returncode == 0, knn.stdout + knn.stderr
     result = json.loads((run / "eval" / "knn-patterns-s0" / "result.json").read_text())
     assert result["method"] == "my_idea" and 0 <= result["metrics"]["top1"] <= 1
-    assert (run / "eval" / "knn-patterns-s0" / "code" / "pretrain" / "my_idea.py").read_text() == source
+    assert (
+        run / "eval" / "knn-patterns-s0" / "code" / "pretrain" / "my_idea.py"
+    ).read_text() == source
     commands = {
         "linprobe": ("--epochs", 2, "--warmup-epochs", 0, "--num-workers", 0),
         "finetune": ("--epochs", 1, "--num-workers", 0),
@@ -99,27 +126,37 @@ def test_every_evaluation_command_runs_on_a_fork_from_its_checkpoint(fork_run):
         assert r.returncode == 0, (command, r.stdout + r.stderr)
         assert "decoy" not in r.stdout + r.stderr
     for command in ("linprobe", "finetune"):
-        assert json.loads((run / "eval" / f"{command}-patterns-s0" / "result.json").read_text())["method"] == "my_idea"
+        assert (
+            json.loads((run / "eval" / f"{command}-patterns-s0" / "result.json").read_text())[
+                "method"
+            ]
+            == "my_idea"
+        )
     assert (run / "reconstructions-patterns-val-s0.png").stat().st_size > 0
-    assert (run / "encoder_timm.pth").stat().st_size > 0 and "the my_idea encoder" in outcomes["export"].stdout
+    assert (run / "encoder_timm.pth").stat().st_size > 0
+    assert "the my_idea encoder" in outcomes["export"].stdout
     assert "my_idea trained" in outcomes["separability"].stdout
 
 
 def test_a_fork_loaded_from_a_checkpoint_pickles_for_data_workers(fork_run):
-    """Data-loading workers started by spawn or forkserver unpickle sample_inputs by its module's name."""
+    """Data-loading workers started by spawn or forkserver unpickle sample_inputs by its module's
+    name."""
     import cli
 
     _, run, _ = fork_run
     module, model_cls = cli.method_of("my_idea", common.load_checkpoint(run))
     assert model_cls.__name__ == "MyIdea" and sys.modules["my_idea"] is module
-    draw = pickle.loads(pickle.dumps(cli.bound_inputs(module, module.Config(img_size=32, patch_size=8))))
+    draw = pickle.loads(
+        pickle.dumps(cli.bound_inputs(module, module.Config(img_size=32, patch_size=8)))
+    )
     assert draw.func is module.sample_inputs and draw(common.torch.Generator()).keys() == {"noise"}
 
 
 def test_bad_method_files_get_one_line_errors(tmp_path):
     config_only = "import dataclasses\n\n\n@dataclasses.dataclass\nclass Config:\n    x: int = 0\n"
     (tmp_path / "no_model.py").write_text(config_only)
-    shutil.copy(ROOT / "mae.py", tmp_path / "json.py")  # a name already taken by a module cli.py imports
+    # a name already taken by a module cli.py imports
+    shutil.copy(ROOT / "mae.py", tmp_path / "json.py")
     (tmp_path / "broken.py").write_text("def f(:\n")
     cases = {
         "no_model.py": "needs a dataclass Config and one model class with forward_features",
@@ -128,7 +165,9 @@ def test_bad_method_files_get_one_line_errors(tmp_path):
         "broken.py": "invalid syntax (broken.py, line 1)",
     }
     with ForkedCli() as cli:
-        outcomes = {name: cli.run("pretrain", tmp_path / name, "--preset", "tiny") for name in cases}
+        outcomes = {
+            name: cli.run("pretrain", tmp_path / name, "--preset", "tiny") for name in cases
+        }
     for name, message in cases.items():
         r = outcomes[name]
         lines = [line for line in r.stderr.splitlines() if line.strip()]

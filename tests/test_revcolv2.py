@@ -1,5 +1,5 @@
-"""revcolv2.py: the exact inverse, reversible gradients = plain autograd, the memory it saves, shapes,
-the alpha clamp, config errors and the command line."""
+"""revcolv2.py: the exact inverse, reversible gradients = plain autograd, the memory it saves,
+shapes, the alpha clamp, config errors and the command line."""
 
 import copy
 import json
@@ -15,7 +15,8 @@ import revcolv2
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """These tensors are tiny: one thread is as fast, and far faster on a CPU shared with other jobs."""
+    """These tensors are tiny: one thread is as fast, and far faster on a CPU shared with other
+    jobs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -24,7 +25,9 @@ def one_thread():
 
 def small(**kw):
     """A few-thousand-parameter RevColV2 on 16-px images (4x4 patches of 4 px)."""
-    return revcolv2.Config(**{"img_size": 16, "patch_size": 4, "embed_dim": 32, "num_heads": 2, **kw})
+    return revcolv2.Config(
+        **{"img_size": 16, "patch_size": 4, "embed_dim": 32, "num_heads": 2, **kw}
+    )
 
 
 def randomised(cfg, seed=0):
@@ -35,7 +38,10 @@ def randomised(cfg, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("alpha"):
-                p.copy_((0.2 + 0.7 * torch.rand_like(p)) * torch.where(torch.rand_like(p) < 0.3, -1.0, 1.0))
+                p.copy_(
+                    (0.2 + 0.7 * torch.rand_like(p))
+                    * torch.where(torch.rand_like(p) < 0.3, -1.0, 1.0)
+                )
             elif p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
     return model
@@ -43,7 +49,8 @@ def randomised(cfg, seed=0):
 
 def recorded_columns(model):
     """Make model.run_column record (column, x, prev, outputs) of every call."""
-    calls, run = [], model.run_column
+    calls = []
+    run = model.run_column
 
     def record(column, x, prev):
         out = run(column, x, prev)
@@ -82,9 +89,11 @@ def grads(model, loss_fn, seed=1):
 
 @pytest.mark.parametrize("objective", ["pixels", "features"])
 def test_reversible_gradients_equal_plain_autograd(objective):
-    cfg = small(num_levels=3, drop_path=0.5)  # drop-path on: the recompute must redraw the same masks
+    # drop-path on: the recompute must redraw the same masks
+    cfg = small(num_levels=3, drop_path=0.5)
     model = randomised(cfg)
-    imgs, noise = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.rand(3, 16)
+    imgs = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    noise = torch.rand(3, 16)
     labels = torch.randn(3, 32, dtype=torch.float64)
 
     def loss_fn(m):
@@ -92,15 +101,18 @@ def test_reversible_gradients_equal_plain_autograd(objective):
             return m(imgs, noise=noise)[0]
         return ((m.forward_features(imgs).mean(1) - labels) ** 2).mean()
 
-    plain, reversible = copy.deepcopy(model), copy.deepcopy(model)
-    plain.cfg.reversible, reversible.cfg.reversible = False, True
+    plain = copy.deepcopy(model)
+    reversible = copy.deepcopy(model)
+    plain.cfg.reversible = False
+    reversible.cfg.reversible = True
     loss_p, g_p = grads(plain, loss_fn)
     loss_r, g_r = grads(reversible, loss_fn)
     assert loss_p == loss_r
     scale = max(g.abs().max() for g in g_p.values() if g is not None)
     assert scale > 0
     for name in g_p:  # plain autograd gives None where reversible mode gives zeros (unused levels)
-        gp, gr = g_p[name], g_r[name]
+        gp = g_p[name]
+        gr = g_r[name]
         if gp is None and gr is None:  # the pixel head, for the features objective
             continue
         gp = torch.zeros_like(gr) if gp is None else gp
@@ -111,12 +123,13 @@ def test_reversible_gradients_equal_plain_autograd(objective):
 
 
 def test_reversible_backward_recomputes_under_the_forward_autocast():
-    """bf16 autocast (on CPU here; the loop uses it on GPUs): the backward recompute must run under the
-    forward's autocast state. Then reversible gradients stay far closer to plain ones than bf16 itself
-    moves them (measured: 0.15% vs 0.7%); recomputing in fp32 instead gives 2.3%."""
+    """bf16 autocast (on CPU here; the loop uses it on GPUs): the backward recompute must run under
+    the forward's autocast state. Then reversible gradients stay far closer to plain ones than bf16
+    itself moves them (measured: 0.15% vs 0.7%); recomputing in fp32 instead gives 2.3%."""
     torch.manual_seed(0)
     model = revcolv2.RevColV2(small(drop_path=0.2))
-    imgs, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+    imgs = torch.randn(4, 3, 16, 16)
+    noise = torch.rand(4, 16)
 
     def flat_grads(reversible, bf16):
         m = copy.deepcopy(model)
@@ -129,7 +142,9 @@ def test_reversible_backward_recomputes_under_the_forward_autocast():
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    plain_fp32, plain_bf16, reversible_bf16 = flat_grads(False, False), flat_grads(False, True), flat_grads(True, True)
+    plain_fp32 = flat_grads(False, False)
+    plain_bf16 = flat_grads(False, True)
+    reversible_bf16 = flat_grads(True, True)
     assert rel(reversible_bf16, plain_bf16) < 0.5 * rel(plain_bf16, plain_fp32)
 
 
@@ -220,7 +235,9 @@ def test_mask_ratio_zero_path_shapes():
 def test_alpha_clamp_holds():
     cfg = small(alpha_min=0.1)
     model = revcolv2.RevColV2(cfg)
-    alphas = [m.alpha for m in model.modules() if isinstance(m, revcolv2.Level) and m.alpha is not None]
+    alphas = [
+        m.alpha for m in model.modules() if isinstance(m, revcolv2.Level) and m.alpha is not None
+    ]
     assert len(alphas) == 3 * 4  # every column but the first has one alpha per level
     start = torch.tensor([1e-5, -1e-5, 0.0, 0.05, -0.09, -0.3, 0.7, 2.0]).repeat(4)
     with torch.no_grad():
@@ -252,11 +269,20 @@ def test_config_rejects_impossible_values(bad, message):
 def test_cli_pretrain_tiny_and_clear_errors(tmp_path):
     out = tmp_path / "run"
     r = run_cli(
-        "pretrain", "revcolv2", "--preset", "tiny", "--max-steps", "2", "--out", out, env={"OMP_NUM_THREADS": "1"}
+        "pretrain",
+        "revcolv2",
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "2",
+        "--out",
+        out,
+        env={"OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stdout + r.stderr
     params = float(r.stdout.split("revcolv2: ")[1].split("M trained parameters")[0])
-    assert params < 1.5  # the tiny preset gives a tiny model (64-d, 2+2 columns of 4 one-block levels)
+    # the tiny preset gives a tiny model (64-d, 2+2 columns of 4 one-block levels)
+    assert params < 1.5
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in rows if "loss" in row]
     assert len(losses) == 2 and all(0 < x < 10 for x in losses)
@@ -264,20 +290,28 @@ def test_cli_pretrain_tiny_and_clear_errors(tmp_path):
     assert ckpt["method"] == "revcolv2" and ckpt["config"]["reversible"] is True
     assert any(k.startswith("decoder_blocks.1.3.") for k in ckpt["model"])
 
-    r = run_cli("pretrain", "revcolv2", "--preset", "tiny", "--num-levels", "1", "--out", tmp_path / "bad")
+    r = run_cli(
+        "pretrain", "revcolv2", "--preset", "tiny", "--num-levels", "1", "--out", tmp_path / "bad"
+    )
     assert r.returncode == 2 and "--num-levels must be at least 2" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr
 
 
 def test_the_cpu_preset_trains_revcolv2_at_its_own_rate():
-    """The cpu preset's blr is MAE's 4e-3; RevColV2's PRESET_CHANGES make its default 1.5e-3 there (docs/learning.md),
-    --blr still wins, the other presets and methods are untouched, and --help names the value the preset gives."""
+    """The cpu preset's blr is MAE's 4e-3; RevColV2's PRESET_CHANGES make its default 1.5e-3 there
+    (docs/learning.md), --blr still wins, the other presets and methods are untouched, and --help
+    names the value the preset gives."""
     import cli
     import mae
 
-    rate = lambda module, preset, given: cli.resolve(module, preset, None, given)[1].blr  # noqa: E731
-    assert rate(mae, "cpu", {}) == common.PRESETS["cpu"]["blr"] == 4e-3 and rate(revcolv2, "cpu", {}) == 1.5e-3
-    assert rate(revcolv2, "cpu", {"blr": 4e-3}) == 4e-3 and rate(revcolv2, "tiny", {}) == common.PRESETS["tiny"]["blr"]
+    def rate(module, preset, given):
+        return cli.resolve(module, preset, None, given)[1].blr
+
+    assert rate(mae, "cpu", {}) == common.PRESETS["cpu"]["blr"] == 4e-3
+    assert rate(revcolv2, "cpu", {}) == 1.5e-3
+    assert cli.resolve(revcolv2, "cpu", None, {})[0].mask_ratio == 0.5  # as MAE's
+    assert rate(revcolv2, "cpu", {"blr": 4e-3}) == 4e-3
+    assert rate(revcolv2, "tiny", {}) == common.PRESETS["tiny"]["blr"]
     assert rate(revcolv2, "cifar", {}) == rate(mae, "cifar", {})
     r = run_cli("pretrain", "revcolv2", "--help")
     assert r.returncode == 0 and "[default: 0.0015 from --preset cpu" in r.stdout
@@ -285,8 +319,10 @@ def test_the_cpu_preset_trains_revcolv2_at_its_own_rate():
 
 @pytest.mark.slow
 def test_memory_table_at_cifar_scale():
-    """The README table: `pytest -m slow tests/test_revcolv2.py -k table -s` (batch 64, fp32, 192-d)."""
-    imgs, rows = torch.randn(64, 3, 32, 32), {}
+    """The README table: `pytest -m slow tests/test_revcolv2.py -k table -s` (batch 64, fp32,
+    192-d)."""
+    imgs = torch.randn(64, 3, 32, 32)
+    rows = {}
     for cols in (2, 4):
         for objective in ("pixels", "features"):
             for reversible in (False, True):
@@ -304,22 +340,29 @@ def test_memory_table_at_cifar_scale():
                 if objective == "features":  # what fine-tuning runs: the whole model, no mask
                     model.forward = lambda x, m=model: (m.forward_features(x).mean(), None, None)
                 rows[cols, objective, reversible] = saved_activation_bytes(model, imgs) / 2**20
-            plain, rev = rows[cols, objective, False], rows[cols, objective, True]
-            print(
-                f"{cols}+{cols} columns, {objective}: plain {plain:.1f} MiB, reversible {rev:.1f} MiB, "
-                f"{plain / rev:.1f}x"
-            )
+            plain = rows[cols, objective, False]
+            rev = rows[cols, objective, True]
+            sizes = f"plain {plain:.1f} MiB, reversible {rev:.1f} MiB, {plain / rev:.1f}x"
+            print(f"{cols}+{cols} columns, {objective}: {sizes}")
             assert plain > 10 * rev
 
 
 @pytest.mark.slow
 def test_small_alpha_breaks_the_fp32_inverse():
-    """Why alpha_min is 0.1: `pytest -m slow tests/test_revcolv2.py -k alpha -s` (fp32, 192-d, batch 16)."""
-    imgs, noise, errors = torch.randn(16, 3, 32, 32), torch.rand(16, 64), {}
+    """Why alpha_min is 0.1: `pytest -m slow tests/test_revcolv2.py -k alpha -s` (fp32, 192-d, batch
+    16)."""
+    imgs = torch.randn(16, 3, 32, 32)
+    noise = torch.rand(16, 64)
+    errors = {}
     for alpha in (0.5, 0.2, 0.1, 0.05, 0.02, 0.01):
         torch.manual_seed(0)
         cfg = revcolv2.Config(
-            img_size=32, patch_size=4, embed_dim=192, num_heads=3, alpha_init=alpha, alpha_min=min(alpha, 0.1)
+            img_size=32,
+            patch_size=4,
+            embed_dim=192,
+            num_heads=3,
+            alpha_init=alpha,
+            alpha_min=min(alpha, 0.1),
         )
         model = revcolv2.RevColV2(cfg)
         calls = recorded_columns(model)
@@ -337,7 +380,10 @@ def test_small_alpha_breaks_the_fp32_inverse():
             m = copy.deepcopy(model)
             m.cfg.reversible = reversible
             m(imgs, noise=noise)[0].backward()
-            flat[reversible] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+            flat[reversible] = torch.cat(
+                [p.grad.flatten() for p in m.parameters() if p.grad is not None]
+            )
         errors[alpha] = ((flat[True] - flat[False]).norm() / flat[False].norm()).item()
-        print(f"alpha {alpha}: relative inverse error {inverse:.1e}, relative gradient error {errors[alpha]:.1e}")
+        relative = f"inverse {inverse:.1e}, gradient {errors[alpha]:.1e}"
+        print(f"alpha {alpha}: relative errors: {relative}")
     assert errors[0.1] < 1e-4 < 1e-3 < errors[0.01]

@@ -26,22 +26,32 @@ def test_pretrain_smoke_two_steps_writes_log_and_full_checkpoint(tmp_path):
     ckpt = common.load_checkpoint(out)
     assert ckpt["step"] == 2 and ckpt["method"] == "mae" and ckpt["config"]["embed_dim"] == 64
     assert {"model", "optimizer", "scaler", "step", "train", "git", "code"} <= set(ckpt)
-    assert "rng" not in ckpt  # no generator state to restore: every draw is seeded by its step (common.train)
-    assert "def random_masking" in ckpt["code"]["mae.py"] and "def train(" in ckpt["code"]["common.py"]
+    # no generator state to restore: every draw is seeded by its step (common.train)
+    assert "rng" not in ckpt
+    assert "def random_masking" in ckpt["code"]["mae.py"]
+    assert "def train(" in ckpt["code"]["common.py"]
     assert json.loads((out / "config.json").read_text())["config"] == ckpt["config"]
 
 
 def test_overwrite_replaces_a_run_and_resuming_a_finished_one_changes_nothing(tmp_path):
-    """(Refusing a folder that holds a run, and --resume with changed settings: tests/test_cli_errors.py.)"""
+    """(Refusing a folder that holds a run, and --resume with changed settings:
+    tests/test_cli_errors.py.)"""
     out = tmp_path / "run"
-    assert run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 1, "--out", out).returncode == 0
-    r = run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 2, "--out", out, "--overwrite")
+    assert (
+        run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 1, "--out", out).returncode
+        == 0
+    )
+    r = run_cli(
+        "pretrain", "mae", "--preset", "tiny", "--max-steps", 2, "--out", out, "--overwrite"
+    )
     assert r.returncode == 0, r.stderr
-    assert [row["step"] for row in read_log(out) if "loss" in row] == [1, 2]  # the old run's log is gone
+    # the old run's log is gone
+    assert [row["step"] for row in read_log(out) if "loss" in row] == [1, 2]
     assert common.load_checkpoint(out)["step"] == 2
     before = (out / "checkpoint.pt").read_bytes(), (out / "log.jsonl").read_text()
     r = run_cli("pretrain", "mae", "--preset", "tiny", "--max-steps", 2, "--out", out, "--resume")
-    assert r.returncode == 0 and "nan" not in r.stdout, r.stdout + r.stderr  # finished: nothing to run, no bar
+    # finished: nothing to run, no bar
+    assert r.returncode == 0 and "nan" not in r.stdout, r.stdout + r.stderr
     assert ((out / "checkpoint.pt").read_bytes(), (out / "log.jsonl").read_text()) == before
 
 
@@ -80,18 +90,23 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
         out=str(tmp_path / "run"),
     )
     model = mae.MAE(cfg)
-    real_forward, calls = model.forward, []
+    real_forward = model.forward
+    calls = []
 
     def forward(imgs, **inputs):  # the 6th step (the 2nd of epoch 2) diverges
         calls.append(1)
         loss, pred, mask = real_forward(imgs, **inputs)
-        return (loss * float("nan") if len(calls) == 6 + 2 else loss), pred, mask  # +2: held-out batches
+        # +2: held-out batches
+        return (loss * float("nan") if len(calls) == 6 + 2 else loss), pred, mask
 
     monkeypatch.setattr(model, "forward", forward)
     inputs = functools.partial(mae.sample_inputs, cfg)
     loaders = data_sets.pretrain_loaders(tcfg, 32, inputs, torch.device("cpu"))
-    # the loss reaches the host at logged steps only: here the end of epoch 2 (log-every 20 > 4 steps per epoch)
-    with pytest.raises(FloatingPointError, match=r"loss is nan between steps 5 and 8 \(epoch 2\).*step 4.*is kept"):
+    # the loss reaches the host at logged steps only: here the end of epoch 2 (log-every 20 > 4
+    # steps per epoch)
+    with pytest.raises(
+        FloatingPointError, match=r"loss is nan between steps 5 and 8 \(epoch 2\).*step 4.*is kept"
+    ):
         common.pretrain(model, cfg, tcfg, *loaders, "mae", [mae.__file__, common.__file__])
     ckpt = common.load_checkpoint(tmp_path / "run")
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -121,19 +136,22 @@ def test_short_run_on_builtin_data_lowers_held_out_loss(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     val = [row["val_loss"] for row in read_log(out) if "val_loss" in row]
-    assert len(val) == 5  # before training and after each epoch, on held-out images with fixed masks
-    # predicting each patch's mean scores 1 - 1/48 on norm-pix targets (48 = 4 x 4 x 3 values, unbiased
-    # variance): the run must do clearly better than that, not just unlearn its random init
+    # before training and after each epoch, on held-out images with fixed masks
+    assert len(val) == 5
+    # predicting each patch's mean scores 1 - 1/48 on norm-pix targets (48 = 4 x 4 x 3 values,
+    # unbiased variance): the run must do clearly better than that, not just unlearn its random init
     trivial = 1 - 1 / 48
     assert val[-1] < 0.9 * trivial and val[-1] < 0.7 * val[0], val
 
 
 def test_drop_path_drops_whole_branches_per_sample_in_training_only():
-    """common.Block's stochastic depth: in training each sample's attention and MLP branches are kept (rescaled) or
-    dropped whole, so with p = 0.5 some samples come out unchanged (both dropped) and others do not; in eval mode
-    the block is the one without drop path; p = 0 is the plain block."""
+    """common.Block's stochastic depth: in training each sample's attention and MLP branches are
+    kept (rescaled) or dropped whole, so with p = 0.5 some samples come out unchanged (both dropped)
+    and others do not; in eval mode the block is the one without drop path; p = 0 is the plain
+    block."""
     torch.manual_seed(0)
-    plain, dropping = common.Block(16, 2), common.Block(16, 2, drop_path=0.5)
+    plain = common.Block(16, 2)
+    dropping = common.Block(16, 2, drop_path=0.5)
     dropping.load_state_dict(plain.state_dict())
     x = torch.randn(64, 5, 16)
     with torch.no_grad():
@@ -145,16 +163,30 @@ def test_drop_path_drops_whole_branches_per_sample_in_training_only():
 
 
 def test_importing_the_cli_and_pretraining_on_patterns_load_no_torchvision(tmp_path):
-    """torchvision's import pulls in torch._dynamo (about 2 s on 2 cores): importing cli.py, which every command
-    does, and pre-training on the built-in data, which needs none of torchvision, must not pay for it."""
+    """torchvision's import pulls in torch._dynamo (about 2 s on 2 cores): importing cli.py, which
+    every command does, and pre-training on the built-in data, which needs none of torchvision, must
+    not pay for it."""
     import subprocess
     import sys
 
     from conftest import ROOT
 
     code = "import sys, cli; cli.main(sys.argv[1:])"
-    args = ["pretrain", "mae", "--preset", "tiny", "--max-steps", "1", "--out", str(tmp_path / "run")]
-    probe = f"import atexit, sys; atexit.register(lambda: print('torchvision' in sys.modules)); {code}"
-    r = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True)
+    args = [
+        "pretrain",
+        "mae",
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    probe = (
+        f"import atexit, sys; atexit.register(lambda: print('torchvision' in sys.modules)); {code}"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False", r.stdout[-500:]
