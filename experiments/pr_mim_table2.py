@@ -1,11 +1,13 @@
 """PR-MIM's Table 2 at small scale, on CPU: the components at throw 0.5, same budget, several seeds.
 
-    python experiments/pr_mim_table2.py --seeds 0 1 2                   # train what is missing, then evaluate
-    python experiments/pr_mim_table2.py --epochs 4 --train-size 4096    # a shorter budget (its own run folders)
+    python experiments/pr_mim_table2.py --seeds 0 1 2   # train what is missing, then evaluate
+    python experiments/pr_mim_table2.py --epochs 4 --train-size 4096   # shorter, own run folders
 
-Each row is `python cli.py pretrain pr-mim ROW-OPTIONS --seed S` on the built-in patterns data with the
-default `cpu` preset (runs already finished in --out are reused). Every checkpoint is then evaluated
-on the same 1,024 held-out images with the same masks:
+Each row is `python cli.py pretrain pr-mim ROW-OPTIONS --seed S` on the built-in patterns data with
+the default `cpu` preset (runs already finished in --out are reused). That preset masks 0.5 of the
+tokens and throws 0.25 (pr_mim.py), its stand-in for the paper's 0.75 and 0.5: the rows named
+"throw 0.5" throw 0.25. Every checkpoint is then evaluated on the same 1,024 held-out images with
+the same masks:
 - loss, full decoder: norm-pix MSE on ALL masked tokens with nothing thrown (the decoder sees every
   token, no aggregation): one protocol for every row, a probe of what encoder and decoder learned;
 - loss, own path: the same loss through the model's own training path (its throw, sampling and
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402
 import common  # noqa: E402
 import data_sets  # noqa: E402
 import pr_mim  # noqa: E402
@@ -59,39 +62,30 @@ def finished(run, epochs):
 def train(run, options, seed, epochs, train_size):
     if finished(run, epochs):
         return None
-    cmd = [
-        sys.executable,
-        "cli.py",
-        "pretrain",
-        "pr-mim",
-        *options,
-        "--seed",
-        str(seed),
-        "--epochs",
-        str(epochs),
-        "--train-size",
-        str(train_size),
-        "--out",
-        str(run),
-        "--overwrite",
-    ]
+    budget = ["--epochs", str(epochs), "--train-size", str(train_size)]
+    cmd = [sys.executable, "cli.py", "pretrain", "pr-mim", *options, "--seed", str(seed), *budget]
+    cmd += ["--out", str(run), "--overwrite"]
     print(" ".join(cmd[1:]), flush=True)
     tick = time.perf_counter()
-    # one thread per process: small models on a shared CPU run faster so (the data worker adds a process)
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # one thread per process: small models on a shared CPU run faster so (the data worker adds one)
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=one_thread)
     return time.perf_counter() - tick
 
 
-def images(split, size, img_size=32):
+def images(split, size, img_size):
     data = data_sets.load_dataset("patterns", split, size=size, img_size=img_size)
     tf = data_sets.transform("patterns", img_size, False)
     pairs = [data[i] for i in range(size)]
-    return torch.stack([tf(img) for img, _ in pairs]), torch.tensor([label for _, label in pairs])
+    imgs = torch.stack([tf(img) for img, _ in pairs])  # (M, C, H, W)
+    labels = torch.tensor([label for _, label in pairs])  # (M,)
+    return imgs, labels
 
 
 @torch.no_grad()
 def features(model, imgs):
-    return F.normalize(torch.cat([model.forward_features(x).mean(1) for x in imgs.split(256)]), dim=1)
+    pooled = [model.forward_features(x).mean(1) for x in imgs.split(256)]  # (B, D) each
+    return F.normalize(torch.cat(pooled), dim=1)
 
 
 @torch.no_grad()
@@ -108,8 +102,10 @@ def masked_loss(model, imgs, noise, thrown=None):
     """Mean over images of the model's loss (norm-pix MSE on its supervised tokens)."""
     total = 0.0
     for i in range(0, len(imgs), 256):
-        extra = {} if thrown is None else {"thrown": thrown[i : i + 256]}
-        total += model(imgs[i : i + 256], noise=noise[i : i + 256], **extra)[0].item() * len(imgs[i : i + 256])
+        batch = slice(i, i + 256)
+        extra = {} if thrown is None else {"thrown": thrown[batch]}
+        loss = model(imgs[batch], noise=noise[batch], **extra)[0]
+        total += loss.item() * len(imgs[batch])
     return total / len(imgs)
 
 
@@ -117,12 +113,20 @@ def evaluate(state, config, val, noise, bank):
     cfg = pr_mim.Config(**config)
     model = pr_mim.PRMIM(cfg).eval()
     model.load_state_dict(state)
-    full = pr_mim.PRMIM(pr_mim.Config(**{**config, "throw": 0.0})).eval()  # same weights, nothing thrown
-    full.load_state_dict({k: v for k, v in state.items() if not k.startswith("spatial_aggregation")})
-    row = {"loss_full_decoder": masked_loss(full, val[0], noise), "knn_top1": knn_top1(model, *bank, *val)}
-    if model.spatial_aggregation is not None or cfg.throw == 0:  # these supervise every masked token
-        mask = pr_mim.random_masking(torch.zeros(len(noise), noise.shape[1], 1), cfg.mask_ratio, noise)[1]
-        thrown = pr_mim.throw_tokens(mask, model.num_throw, cfg.sampling, torch.Generator().manual_seed(0))
+    full_cfg = pr_mim.Config(**{**config, "throw": 0.0})
+    full = pr_mim.PRMIM(full_cfg).eval()  # the same weights, nothing thrown
+    shared = {k: v for k, v in state.items() if not k.startswith("spatial_aggregation")}
+    full.load_state_dict(shared)
+    row = {
+        "loss_full_decoder": masked_loss(full, val[0], noise),
+        "knn_top1": knn_top1(model, *bank, *val),
+    }
+    # these supervise every masked token
+    if model.spatial_aggregation is not None or cfg.throw == 0:
+        blank = torch.zeros(len(noise), noise.shape[1], 1)  # (B, N, 1): only the mask is read
+        mask = pr_mim.random_masking(blank, cfg.mask_ratio, noise)[1]
+        seeded = torch.Generator().manual_seed(0)
+        thrown = pr_mim.throw_tokens(mask, model.num_throw, cfg.sampling, seeded)
         row["loss_own_path"] = masked_loss(model, val[0], noise, thrown)
     return row
 
@@ -130,8 +134,12 @@ def evaluate(state, config, val, noise, bank):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs (the cpu preset's 6 by default)")
-    parser.add_argument("--train-size", type=int, default=8192, help="training images (the cpu preset's 8192)")
+    parser.add_argument(
+        "--epochs", type=int, default=6, help="training epochs (6; the cpu preset trains 24)"
+    )
+    parser.add_argument(
+        "--train-size", type=int, default=8192, help="training images (the cpu preset's 8192)"
+    )
     parser.add_argument("--out", default="runs/pr_mim_table2")
     args = parser.parse_args()
     out = ROOT / args.out / f"epochs{args.epochs}-train{args.train_size}"
@@ -142,17 +150,24 @@ def main():
             if seconds is not None:
                 minutes.setdefault(name, []).append(seconds / 60)
 
-    val, bank = images("val", 1024), images("train", 2048)
-    noise = torch.rand(1024, 64, generator=torch.Generator().manual_seed(0))  # the same masks for every model
+    cfg, _ = cli.resolve(pr_mim, "cpu", None, {})  # the preset the rows train at
+    val = images("val", 1024, cfg.img_size)
+    bank = images("train", 2048, cfg.img_size)
+    tokens = (cfg.img_size // cfg.patch_size) ** 2
+    seeded = torch.Generator().manual_seed(0)
+    noise = torch.rand(1024, tokens, generator=seeded)  # the same masks for every model
     results = {}
     for name in ROWS:
         for seed in args.seeds:
             ckpt = common.load_checkpoint(run_dir(out, name, seed))
-            results.setdefault(name, []).append(evaluate(ckpt["model"], ckpt["config"], val, noise, bank))
+            row = evaluate(ckpt["model"], ckpt["config"], val, noise, bank)
+            results.setdefault(name, []).append(row)
     torch.manual_seed(0)
     config = {**ckpt["config"], "throw": 0.0}
-    results["random init"] = [evaluate(pr_mim.PRMIM(pr_mim.Config(**config)).state_dict(), config, val, noise, bank)]
-    (out / "results.json").write_text(json.dumps({"results": results, "train_minutes": minutes}, indent=2) + "\n")
+    random_init = pr_mim.PRMIM(pr_mim.Config(**config)).state_dict()
+    results["random init"] = [evaluate(random_init, config, val, noise, bank)]
+    summary = {"results": results, "train_minutes": minutes}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def cell(rows, key, fmt):
         values = [r[key] for r in rows if key in r]
@@ -162,17 +177,16 @@ def main():
             return fmt.format(values[0])
         return (fmt + " +- " + fmt).format(statistics.mean(values), statistics.stdev(values))
 
-    print(
-        f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), cpu preset, {args.epochs} epochs of "
-        f"{args.train_size} images\n"
-    )
+    seeds = ", ".join(map(str, args.seeds))
+    budget = f"cpu preset, {args.epochs} epochs of {args.train_size} images"
+    print(f"\n{len(args.seeds)} seeds ({seeds}), {budget}\n")
     print("| row | loss, all masked, full decoder | loss, all masked, own path | kNN top-1 (%) |")
     print("|---|---|---|---|")
     for name, rows in results.items():
-        print(
-            f"| {name} | {cell(rows, 'loss_full_decoder', '{:.4f}')} | {cell(rows, 'loss_own_path', '{:.4f}')} "
-            f"| {cell(rows, 'knn_top1', '{:.1f}')} |"
-        )
+        full = cell(rows, "loss_full_decoder", "{:.4f}")
+        own = cell(rows, "loss_own_path", "{:.4f}")
+        knn = cell(rows, "knn_top1", "{:.1f}")
+        print(f"| {name} | {full} | {own} | {knn} |")
 
 
 if __name__ == "__main__":

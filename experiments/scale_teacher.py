@@ -1,51 +1,55 @@
-"""Does the scale of i-MAE's distillation target matter? The target is the teacher MAE's decoder embedding of the
-clean image's visible tokens (imae.py), and its scale is whatever the MAE's training left there. For each MAE run:
-the target's mean square on 256 held-out images under one fixed mask (cls token included, as the loss has it). With
---mean-square M --out DIR: a copy of one run whose decoder embedding (weight and bias) is scaled to mean square M,
-so that the same encoder gives a larger or smaller target; distil from it to see what the scale alone does.
+"""Does the scale of i-MAE's distillation target matter? The target is the teacher MAE's decoder
+embedding of the clean image's visible tokens (imae.py), and its scale is whatever the MAE's
+training left there. For each MAE run: the target's mean square on 256 held-out images under one
+fixed mask (cls token included, as the loss has it). With --mean-square M --out DIR: a copy of one
+run whose decoder embedding (weight and bias) is scaled to mean square M, so that the same encoder
+gives a larger or smaller target; distil from it to see what the scale alone does.
 
     python experiments/scale_teacher.py runs/learning/mae-patterns-s0 [RUN ...]
-    python experiments/scale_teacher.py runs/learning/mae-patterns-s1 --mean-square 2.43 --out runs/big/mae-patterns-s1
+    python experiments/scale_teacher.py runs/learning/mae-patterns-s1 --mean-square 2.43 \
+        --out runs/big/mae-patterns-s1
     FINETUNE=0 SEEDS=1 bash experiments/learning.sh i-mae runs/big   # i-MAE distilling from it
 """
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import common  # noqa: E402
 import data_sets  # noqa: E402
-import imae  # noqa: E402
 
 IMAGES = 256
 
 
 def target_mean_square(run):
     """The mean square of i-MAE's distillation target with the MAE run `run` as its teacher."""
-    ckpt = common.load_checkpoint(run)
-    if ckpt.get("method") != "mae":
-        raise SystemExit(f"{run} is not a `pretrain mae` run: i-MAE's teacher is an MAE")
-    cfg = imae.Config(
-        **{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(imae.Config)}}
-    )
-    teacher = imae.load_teacher(run, cfg)  # the student's view of it: both heads the MAE's decoder_embed
-    data, data_dir = ckpt["train"].get("data", "patterns"), ckpt["train"].get("data_dir") or "data"
+    teacher, info = cli.load_whole_model(run)  # as imae.py's prepare_pretrain gets it
+    if info["method"] != "mae":
+        raise SystemExit(f"{run} is a {info['method']} run: i-MAE's teacher is an MAE")
+    cfg = teacher.cfg
+    data = info["train"].get("data", "patterns")
+    data_dir = info["train"].get("data_dir") or "data"
     held_out = data_sets.load_dataset(data, "val", data_dir, IMAGES, cfg.img_size)
     tf = data_sets.transform(data, cfg.img_size, train=False)
     imgs = torch.stack([tf(held_out[i][0]) for i in range(len(held_out))])  # (B, C, H, W)
-    noise = torch.rand(len(imgs), teacher.num_patches, generator=torch.Generator().manual_seed(0))  # one fixed mask
+    seeded = torch.Generator().manual_seed(0)
+    noise = torch.rand(len(imgs), teacher.num_patches, generator=seeded)  # one fixed mask
+    teacher.eval()
     with torch.no_grad():
-        target = teacher.decoder_embed1(teacher.forward_encoder(imgs, cfg.mask_ratio, noise)[0])  # (B, 1 + N_vis, D)
+        latent = teacher.forward_encoder(imgs, cfg.mask_ratio, noise)[0]  # (B, 1 + N_vis, D)
+        target = teacher.decoder_embed(latent)  # (B, 1 + N_vis, D_dec), as the student's loss
     return target.pow(2).mean().item()
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("runs", nargs="+", help="MAE run folders (or checkpoints)")
-parser.add_argument("--mean-square", type=float, help="write a copy of the one run with its target at this scale")
+parser.add_argument(
+    "--mean-square", type=float, help="write a copy of the one run with its target at this scale"
+)
 parser.add_argument("--out", help="the folder of that copy (a new one)")
 args = parser.parse_args()
 if (args.mean_square is None) != (args.out is None) or (args.out and len(args.runs) != 1):
@@ -59,10 +63,12 @@ if args.out:
     out = Path(args.out)
     if (out / "checkpoint.pt").exists():
         raise SystemExit(f"{out} already holds a checkpoint: pass a new --out")
-    ckpt = common.load_checkpoint(args.runs[0])
-    scale = (args.mean_square / squares[args.runs[0]]) ** 0.5  # the target is linear in the embedding
+    source = args.runs[0]
+    ckpt = common.load_checkpoint(source)
+    scale = (args.mean_square / squares[source]) ** 0.5  # the target is linear in the embedding
     for p in ("weight", "bias"):
         ckpt["model"][f"decoder_embed.{p}"] *= scale
     out.mkdir(parents=True, exist_ok=True)
     common.save_checkpoint(ckpt, out / "checkpoint.pt")
-    print(f"{out}: decoder embedding x {scale:.3f}, target mean square {target_mean_square(out):.3f}")
+    copied = target_mean_square(out)
+    print(f"{out}: decoder embedding x {scale:.3f}, target mean square {copied:.3f}")
