@@ -6,16 +6,22 @@ and has `.classes`. Every random draw of the loaders is fixed by (seed, epoch, i
     patterns.py  the built-in data set, drawn on the fly
     readers.py   the data sets by name (DATASETS, load_dataset); Fashion-MNIST and CIFAR in memory
     folders.py   data sets of image files (ImageNet, `folder`, Tiny-ImageNet), via ImageFolder
+    draws.py     the random draws of a batch, fixed by each sample's (seed, epoch, index)
     loaders.py   the augmentation, SeededDataset, EpochSampler, and the pre-training loaders
 """
 
+from .draws import Draws, crop_boxes, sample_keys
 from .loaders import (
     BatchedLoader,
     EpochSampler,
     SeededDataset,
+    WorkerLoader,
+    choose_path,
     make_loader,
+    normalize,
     pretrain_loader,
     pretrain_loaders,
+    reads_files,
     resize_weights,
     resized_crops,
     transform,
@@ -32,6 +38,13 @@ from .readers import (
 
 __all__ = [
     "DATASETS",
+    "Draws",
+    "WorkerLoader",
+    "choose_path",
+    "crop_boxes",
+    "normalize",
+    "reads_files",
+    "sample_keys",
     "FASHION_MNIST_DEBIAN",
     "IMAGENET_STATS",
     "BatchedLoader",

@@ -126,10 +126,11 @@ def channels(name):
     return DATASETS[name][0]
 
 
-def load_dataset(name, split, root="data", size=0, img_size=32, download=False):
+def load_dataset(name, split, root="data", size=0, img_size=32, download=False, encoded=False):
     """The raw (image, label) data set `name` for split 'train' or 'val'; if size > 0, a fixed
-    random subset of `size` items (every class represented). Missing or malformed data raise a
-    ValueError saying what was expected."""
+    random subset of `size` items (every class represented). encoded: files as (path, bytes),
+    for decoding on the training device. Missing or malformed data raise a ValueError saying what
+    was expected."""
     root = Path(root)
     channels(name)
     if name == "patterns":
@@ -141,10 +142,11 @@ def load_dataset(name, split, root="data", size=0, img_size=32, download=False):
     else:
         from . import folders  # it imports torchvision: only when the data is files
 
+        loader = folders.read_encoded if encoded else folders.read_image
         if name == "tiny-imagenet":
-            ds = folders.tiny_imagenet(split, root)
+            ds = folders.tiny_imagenet(split, root, loader)
         else:
-            ds = folders.image_folder(split, root)
+            ds = folders.image_folder(split, root, loader)
     if size and size < len(ds):
         generator = torch.Generator().manual_seed(0)
         keep = torch.randperm(len(ds), generator=generator)[:size].sort()[0]
