@@ -14,7 +14,7 @@ mixture's latent, the two are linearly separable in it (`python cli.py separabil
 that for any encoder).
 
 Changes relative to mae.py:
-- `sample_inputs` also draws `pairing` (3,): a sort key and a same-class coin that pick each
+- `sample_inputs` also draws `pairing` (B, 3): a sort key and a same-class coin that pick each
   image's partner in the batch (`pair_up`, with `--same-class-prob`), and a λ draw; `mix` mixes.
 - Two heads, `decoder_embed1` (subordinate) and `decoder_embed2` (dominant), replace
   `decoder_embed`; the decoder runs on both streams; the loss is both reconstructions plus both
@@ -27,8 +27,8 @@ Deviations from the paper and the official code:
   mixture for both terms, which its own variable names contradict (and which crashes before
   running).
 - `norm_pix_loss` applies to both reconstructions, as in MAE; the released i-MAE loss ignores it.
-- Partners are other images of the process's batch, picked by per-sample draws from the data
-  workers (the official paired data set, `classmixINPair`, is not in the repository);
+- Partners are other images of the process's batch, picked by per-sample draws of the loader
+  (the official paired data set, `classmixINPair`, is not in the repository);
   `--same-class-prob` defaults to 0, not the released 1.0, which pairs by ground-truth labels
   that a self-supervised run must not see.
 - λ is the λ draw of the sample with the smallest pairing key, not np.random.beta(1, 1) in the
@@ -107,12 +107,12 @@ def random_masking(x, mask_ratio, noise=None):
     return x_masked, mask, ids_restore
 
 
-def sample_inputs(cfg, generator):
-    """Random inputs of one sample, drawn in the data workers: the masking noise (N,) and
-    `pair_up`'s draws (3,)."""
+def sample_inputs(cfg, draws):
+    """A batch's random inputs, drawn for the whole batch on the device, each sample's fixed by its
+    place in the run (draws(*shape) -> (B, *shape) uniform): the masking noise (B, N) and
+    `pair_up`'s draws (B, 3)."""
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
-    noise = torch.rand(num_patches, generator=generator)
-    return {"noise": noise, "pairing": torch.rand(3, generator=generator)}
+    return {"noise": draws(num_patches), "pairing": draws(3)}
 
 
 def pair_up(pairing, labels, same_class_prob):
@@ -136,7 +136,7 @@ def pair_up(pairing, labels, same_class_prob):
     same[by_class] = by_class[torch.where(arange + 1 < end, arange + 1, first)]  # next, cyclically
     semantic = (coin < same_class_prob) & (same != arange)  # semantics-enhanced sampling
     partner = torch.where(semantic, same, partner)
-    return partner, lam_draw[order[0]].float()
+    return partner, lam_draw[order[:1]].squeeze(0).float()  # [:1], not [0]: no host sync
 
 
 def mix(imgs, imgs_b, lam):

@@ -14,9 +14,10 @@ pass. The decoder is thrown away afterwards; the encoder is fine-tuned or probed
 Changes relative to mae.py: none, this is the base every other method file is a diff of.
 
 Deviations from the paper and the official code:
-- The masking noise is drawn per sample in the data workers (`sample_inputs`) and handed to
-  `forward`, as the Hugging Face port's `noise` argument allows; the masks are the same random
-  masks, but a run no longer depends on the number of GPUs or workers, and resumes exactly.
+- The masking noise is drawn by the loader (`sample_inputs`), for the whole batch on the device,
+  each sample's fixed by its place in the run, and handed to `forward`, as the Hugging Face port's
+  `noise` argument allows: the same random masks, but a run does not depend on the number of GPUs
+  or workers, and resumes exactly.
 - `Config` defaults to ViT-B/16 with the paper's decoder (the official class: ViT-L/16).
 - The `cpu` preset hides half of the patches (`PRESET_CHANGES`): at 75 % on its 4 x 4 grid, MAE
   predicts every hidden patch alike for ~700 of its 1,536 steps (docs/learning.md).
@@ -77,10 +78,11 @@ def random_masking(x, mask_ratio, noise=None):
     return x_masked, mask, ids_restore
 
 
-def sample_inputs(cfg, generator):
-    """Random inputs of one sample, drawn in the data workers: the masking noise (N,)."""
+def sample_inputs(cfg, draws):
+    """A batch's random inputs, drawn for the whole batch on the device, each sample's fixed by its
+    place in the run (draws(*shape) -> (B, *shape) uniform): the masking noise (B, N)."""
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
-    return {"noise": torch.rand(num_patches, generator=generator)}
+    return {"noise": draws(num_patches)}
 
 
 class MAE(nn.Module):

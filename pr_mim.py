@@ -17,7 +17,7 @@ Changes relative to mae.py:
 - Config: `throw` (gamma, a fraction of all N tokens, 0 <= gamma <= mask ratio), `sampling`
   (furthest | random), `progressive`, `kernel_size`.
 - `throw_tokens` picks the thrown tokens among the masked ones; `sample_inputs` runs it in the
-  data workers and hands `thrown` (N,) bool to `forward` with the masking noise.
+  loader and hands `thrown` (B, N) bool to `forward` with the masking noise.
 - The decoder runs on the cls token plus the (1 - gamma) N visible and retained tokens; its output
   is put back on the grid with zeros at the thrown positions, a depth-wise conv aggregates it,
   then `decoder_norm` and `decoder_pred` predict every patch; the loss covers all masked tokens
@@ -111,19 +111,20 @@ def random_masking(x, mask_ratio, noise=None):
     return x_masked, mask, ids_restore
 
 
-def throw_tokens(mask, num_throw, sampling, generator=None):
+def throw_tokens(mask, num_keep, sampling, rand=None):
     """Which masked tokens to throw (PR-MIM Sec. 3.3 and supplementary Alg. 1).
 
-    mask: (B, N) with 1 = masked, the same count in every row. Of the masked tokens, N_mask -
-    num_throw are retained: `random` at random; `furthest` greedily, the first at random, then
-    again and again the masked token furthest (Euclidean, grid coordinates) from all retained so
-    far (Eq. 1). Vectorised over the batch and the candidates: one small step per retained token.
-    Returns thrown (B, N) bool."""
+    mask: (B, N) with 1 = masked. Of the masked tokens, num_keep are retained: `random` at random;
+    `furthest` greedily, the first at random, then again and again the masked token furthest
+    (Euclidean, grid coordinates) from all retained so far (Eq. 1). Vectorised over the batch and
+    the candidates: one small step per retained token. rand: (B, 2, N) uniform draws, drawn here
+    if not given. Returns thrown (B, N) bool."""
     B, N = mask.shape
     masked = mask.bool()
-    num_keep = int(masked[0].sum()) - num_throw  # retained masked tokens per sample
-    rand = torch.rand(2, B, N, generator=generator, device=mask.device)  # (2, B, N)
-    if sampling == "random" or num_throw == 0 or num_keep == 0:
+    if rand is None:
+        rand = torch.rand(B, 2, N, device=mask.device)  # (B, 2, N)
+    rand = rand.transpose(0, 1)  # (2, B, N)
+    if sampling == "random" or num_keep == 0:
         order = torch.where(masked, rand[0], 2.0).argsort(dim=1)  # (B, N), masked ones first
         kept = torch.zeros_like(masked).scatter(1, order[:, :num_keep], True)  # (B, N)
         return masked & ~kept
@@ -143,16 +144,22 @@ def throw_tokens(mask, num_throw, sampling, generator=None):
     return masked & (free > -math.inf)  # (B, N), the masked tokens never retained
 
 
-def sample_inputs(cfg, generator):
-    """Random inputs of one sample, drawn in the data workers, where the paper runs furthest
-    sampling (Sec. 3.3): the masking noise (N,) and the thrown tokens (N,) bool."""
+def retained(num_patches, cfg):
+    """The masked tokens retained for the decoder, per image: N_mask - gamma N (Sec. 3.1)."""
+    num_masked = num_patches - int(num_patches * (1 - cfg.mask_ratio))
+    return num_masked - int(num_patches * cfg.throw)
+
+
+def sample_inputs(cfg, draws):
+    """A batch's random inputs, drawn by the loader, where the paper runs furthest sampling
+    (Sec. 3.3), for the whole batch on the device, each sample's fixed by its place in the run
+    (draws(*shape) -> (B, *shape) uniform): the masking noise (B, N), the thrown tokens (B, N)."""
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
-    noise = torch.rand(num_patches, generator=generator)
-    tokens = torch.zeros(1, num_patches, 1)
-    mask = random_masking(tokens, cfg.mask_ratio, noise[None])[1]  # (1, N), the model's mask
-    num_throw = int(num_patches * cfg.throw)
-    thrown = throw_tokens(mask, num_throw, cfg.sampling, generator)[0]  # (N,)
-    return {"noise": noise, "thrown": thrown}
+    noise = draws(num_patches)
+    tokens = noise.new_zeros(noise.shape[0], num_patches, 1)
+    mask = random_masking(tokens, cfg.mask_ratio, noise)[1]  # (B, N), the model's mask
+    thrown = throw_tokens(mask, retained(num_patches, cfg), cfg.sampling, draws(2, num_patches))
+    return {"noise": noise, "thrown": thrown}  # thrown: (B, N) bool
 
 
 class PRMIM(nn.Module):
@@ -198,6 +205,7 @@ class PRMIM(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         self.num_throw = int(self.num_patches * cfg.throw)  # gamma N thrown tokens (Sec. 3.1)
+        self.num_keep = retained(self.num_patches, cfg)
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         x = self.patch_embed(imgs)  # (B, N, D)
@@ -256,8 +264,8 @@ class PRMIM(nn.Module):
 
     def forward(self, imgs, noise=None, thrown=None):
         latent, mask, ids_restore = self.forward_encoder(imgs, self.cfg.mask_ratio, noise)
-        if thrown is None:  # not drawn in the data workers: drawn here
-            thrown = throw_tokens(mask, self.num_throw, self.cfg.sampling)  # (B, N) bool
+        if thrown is None:  # not drawn by the loader: drawn here
+            thrown = throw_tokens(mask, self.num_keep, self.cfg.sampling)  # (B, N) bool
         num_dec = self.num_patches - self.num_throw  # the visible and retained tokens
         ids_dec = torch.argsort(thrown.int(), dim=1, stable=True)[:, :num_dec]  # (B, N_dec)
         pred = self.forward_decoder(latent, ids_restore, ids_dec)  # (B, N, P*P*C)

@@ -30,6 +30,7 @@ Deviations from the paper and the official code (the reasons: docs/revcolv2.md):
 Usage: python cli.py pretrain revcolv2 --preset cifar
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -95,10 +96,11 @@ def random_masking(x, mask_ratio, noise=None):
     return x_masked, mask, ids_restore
 
 
-def sample_inputs(cfg, generator):
-    """Random inputs of one sample, drawn in the data workers: the masking noise (N,)."""
+def sample_inputs(cfg, draws):
+    """A batch's random inputs, drawn for the whole batch on the device, each sample's fixed by its
+    place in the run (draws(*shape) -> (B, *shape) uniform): the masking noise (B, N)."""
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
-    return {"noise": torch.rand(num_patches, generator=generator)}
+    return {"noise": draws(num_patches)}
 
 
 class Level(nn.Module):
@@ -157,16 +159,32 @@ def column_inverse(column, x, ys, recompute=None):
     return prev
 
 
+@contextlib.contextmanager
+def rng_restored(ctx, k):
+    """The RNG as the forward left it before level k, so the recompute draws its drop-path masks
+    (official: the same); nothing to do without drop path."""
+    if ctx.rng is None:
+        yield
+        return
+    cpu_rng, cuda_rng = ctx.rng[k]
+    with torch.random.fork_rng([ctx.device] if cuda_rng is not None else []):
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, ctx.device)
+        yield
+
+
 class ReversibleColumn(torch.autograd.Function):
     """A column that keeps only its outputs (and x); backward recovers its inputs by column_inverse,
-    one level at a time (official ReverseFunction). Inputs: column, x or None, the previous column's
+    one level at a time (official ReverseFunction). Inputs: column, keep_rng (drop path draws:
+    keep the RNG state before each level for the recompute), x or None, the previous column's
     outputs, column.parameters()."""
 
     @staticmethod
-    def forward(ctx, column, x, *tensors):
+    def forward(ctx, column, keep_rng, x, *tensors):
         prev = list(tensors[: len(column)]) if column[0].alpha is not None else None
         ctx.column = column
-        ctx.rng = []
+        ctx.rng = [] if keep_rng else None
         ctx.device = (x if x is not None else tensors[0]).device
         t = ctx.device.type  # the forward's autocast state, for the recompute (official: the same)
         dtype = torch.get_autocast_dtype(t)
@@ -189,12 +207,7 @@ class ReversibleColumn(torch.autograd.Function):
 
         def recompute(k, a, b):  # F_k with grad, its grads handed on; k goes L-1 .. 0
             a, b = [t.detach().requires_grad_() if t is not None else None for t in (a, b)]
-            cpu_rng, cuda_rng = ctx.rng[k]  # the forward's drop-path draws (official: the same)
-            devices = [ctx.device] if cuda_rng is not None else []
-            with torch.enable_grad(), torch.random.fork_rng(devices), torch.autocast(*ctx.autocast):
-                torch.set_rng_state(cpu_rng)
-                if cuda_rng is not None:
-                    torch.cuda.set_rng_state(cuda_rng, ctx.device)
+            with torch.enable_grad(), rng_restored(ctx, k), torch.autocast(*ctx.autocast):
                 f = column[k](a, b)  # (B, N_x, D)
             named = column[k].named_parameters()
             params = [p for name, p in named if name != "alpha" and p.requires_grad]
@@ -215,7 +228,7 @@ class ReversibleColumn(torch.autograd.Function):
                 grads[id(level.alpha)] = (g_ys[k] * prev[k]).sum(dim=batch_dims)
         n_prev = L if column[0].alpha is not None else 0
         g_params = [grads.get(id(p)) for p in column.parameters()]  # DEVIATION: not accumulated
-        return None, g_in[0], *g_in[1 : 1 + n_prev], *g_params
+        return None, None, g_in[0], *g_in[1 : 1 + n_prev], *g_params
 
 
 class RevColV2(nn.Module):
@@ -262,7 +275,9 @@ class RevColV2(nn.Module):
                 alpha = level.alpha.data
                 alpha.copy_(alpha.abs().clamp(min=self.cfg.alpha_min).copysign(alpha))
         if self.cfg.reversible and torch.is_grad_enabled():
-            return list(ReversibleColumn.apply(column, x, *(prev or []), *column.parameters()))
+            keep_rng = self.training and self.cfg.drop_path > 0  # drop path draws in training
+            inputs = (x, *(prev or []), *column.parameters())
+            return list(ReversibleColumn.apply(column, keep_rng, *inputs))
         return column_forward(column, x, prev)
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):

@@ -13,7 +13,7 @@ visible pixels far enough away that copying them does not solve the task.
 
 Changes relative to mae.py:
 - Masks come from `simmim_masking`: random over mask patches (32 px at 224), upsampled to model
-  patches, drawn in the data workers as the official data pipeline does; the ratio is 0.6.
+  patches, drawn by the loader as the official data pipeline does; the ratio is 0.6.
 - The encoder sees all N patches: masked patch embeddings are replaced by a learned `mask_token`
   of the encoder's width; the cls token stays in the encoder (as the official ViT) and is dropped
   before the head.
@@ -78,27 +78,29 @@ class Config:
 PRESET_CHANGES = {"cpu": dict(mask_ratio=0.5)}
 
 
-def simmim_masking(cfg, batch_size, generator=None, device=None):
+def simmim_masking(cfg, noise):
     """Random masking over mask patches, upsampled to model patches (official data_simmim.py,
     MaskGenerator).
 
     The image is cut into M = (img_size / mask_patch_size)^2 mask patches; ceil(M * mask_ratio)
-    of them, chosen at random, are masked, each covering (mask_patch_size / patch_size)^2 model
-    patches. Returns the mask (B, N) with 0 = visible, 1 = masked, in grid order."""
+    of them, those of the largest noise (B, M), are masked, each covering (mask_patch_size /
+    patch_size)^2 model patches. Returns the mask (B, N) with 0 = visible, 1 = masked, in grid
+    order."""
     rand_size = cfg.img_size // cfg.mask_patch_size
     scale = cfg.mask_patch_size // cfg.patch_size
     mask_count = math.ceil(rand_size**2 * cfg.mask_ratio)  # official: np.ceil
-    noise = torch.rand(batch_size, rand_size**2, generator=generator, device=device)  # (B, M)
     ids_mask = torch.argsort(noise, dim=1)[:, :mask_count]  # a random permutation's head (official)
-    mask = torch.zeros(batch_size, rand_size**2, device=device)
+    mask = torch.zeros(noise.shape, device=noise.device)
     mask = mask.scatter_(1, ids_mask, 1.0)  # (B, M)
     # each mask patch covers scale x scale model patches
     return repeat(mask, "b (h w) -> b (h s1 w s2)", h=rand_size, s1=scale, s2=scale)  # (B, N)
 
 
-def sample_inputs(cfg, generator):
-    """Random inputs of one sample, drawn in the data workers: the mask (N,), 1 = masked."""
-    return {"mask": simmim_masking(cfg, 1, generator)[0]}
+def sample_inputs(cfg, draws):
+    """A batch's random inputs, drawn for the whole batch on the device, each sample's fixed by its
+    place in the run (draws(*shape) -> (B, *shape) uniform): the mask (B, N), 1 = masked."""
+    mask_patches = (cfg.img_size // cfg.mask_patch_size) ** 2
+    return {"mask": simmim_masking(cfg, draws(mask_patches))}
 
 
 class SimMIM(nn.Module):
@@ -160,8 +162,10 @@ class SimMIM(nn.Module):
         return (loss * mask).sum() / (masked_pixels + 1e-5) / self.cfg.in_chans
 
     def forward(self, imgs, mask=None):
-        if mask is None:
-            mask = simmim_masking(self.cfg, imgs.shape[0], device=imgs.device)  # (B, N)
+        if mask is None:  # not drawn by the loader: drawn here
+            mask_patches = (self.cfg.img_size // self.cfg.mask_patch_size) ** 2
+            noise = torch.rand(imgs.shape[0], mask_patches, device=imgs.device)  # (B, M)
+            mask = simmim_masking(self.cfg, noise)  # (B, N)
         mask = mask.float()
         latent = self.forward_encoder(imgs, mask)  # (B, 1 + N, D)
         pred = self.forward_decoder(latent)  # (B, N, P*P*C)

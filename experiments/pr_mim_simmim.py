@@ -16,14 +16,14 @@ visible pixels far enough away that copying them does not solve the task.
 
 PR-MIM on SimMIM (PR-MIM Sec. 4.2): SimMIM's encoder also does the reconstruction, so the masked
 tokens are thrown from the encoder: a fraction gamma of all N tokens, chosen among the masked ones
-so that the retained ones lie spread out ("furthest sampling", in the data workers), leaves the
+so that the retained ones lie spread out ("furthest sampling", in the loader), leaves the
 encoder input; after the encoder, the thrown positions are filled with zeros and one depth-wise
 convolution over the 2D grid rebuilds them from their neighbours ("spatial aggregation"), so the
 head predicts, and the loss covers, every masked token again ("progressive reconstruction").
 
 Changes relative to mae.py:
 - Masks come from `simmim_masking`: random over mask patches (32 px at 224), upsampled to model
-  patches, drawn in the data workers as the official data pipeline does; the ratio is 0.6.
+  patches, drawn by the loader as the official data pipeline does; the ratio is 0.6.
 - The encoder sees all N patches: masked patch embeddings are replaced by a learned `mask_token`
   of the encoder's width; the cls token stays in the encoder (as the official ViT) and is dropped
   before the head.
@@ -37,7 +37,7 @@ PR-MIM's changes relative to simmim.py (pr_mim.py makes the same ones to mae.py)
 - Config: `throw` (gamma, a fraction of all N tokens, 0 <= gamma <= mask ratio), `sampling`
   (furthest | random), `progressive`, `kernel_size`.
 - `throw_tokens` (as pr_mim.py) picks the thrown tokens among the masked ones; `sample_inputs`
-  runs it in the data workers and hands `thrown` (N,) bool to `forward` with the mask.
+  runs it in the loader and hands `thrown` (B, N) bool to `forward` with the mask.
 - The encoder runs on the cls token plus the (1 - gamma) N visible and retained tokens; its output
   is put back on the grid with zeros at the thrown positions and a depth-wise conv aggregates it
   before the head; the loss covers all masked tokens (`--no-progressive`: no conv, loss on the
@@ -121,37 +121,38 @@ class Config:
 PRESET_CHANGES = {"cpu": dict(mask_ratio=0.5, throw=0.25)}
 
 
-def simmim_masking(cfg, batch_size, generator=None, device=None):
+def simmim_masking(cfg, noise):
     """Random masking over mask patches, upsampled to model patches (official data_simmim.py,
     MaskGenerator).
 
     The image is cut into M = (img_size / mask_patch_size)^2 mask patches; ceil(M * mask_ratio)
-    of them, chosen at random, are masked, each covering (mask_patch_size / patch_size)^2 model
-    patches. Returns the mask (B, N) with 0 = visible, 1 = masked, in grid order."""
+    of them, those of the largest noise (B, M), are masked, each covering (mask_patch_size /
+    patch_size)^2 model patches. Returns the mask (B, N) with 0 = visible, 1 = masked, in grid
+    order."""
     rand_size = cfg.img_size // cfg.mask_patch_size
     scale = cfg.mask_patch_size // cfg.patch_size
     mask_count = math.ceil(rand_size**2 * cfg.mask_ratio)  # official: np.ceil
-    noise = torch.rand(batch_size, rand_size**2, generator=generator, device=device)  # (B, M)
     ids_mask = torch.argsort(noise, dim=1)[:, :mask_count]  # a random permutation's head (official)
-    mask = torch.zeros(batch_size, rand_size**2, device=device)
+    mask = torch.zeros(noise.shape, device=noise.device)
     mask = mask.scatter_(1, ids_mask, 1.0)  # (B, M)
     # each mask patch covers scale x scale model patches
     return repeat(mask, "b (h w) -> b (h s1 w s2)", h=rand_size, s1=scale, s2=scale)  # (B, N)
 
 
-def throw_tokens(mask, num_throw, sampling, generator=None):
+def throw_tokens(mask, num_keep, sampling, rand=None):
     """Which masked tokens to throw (PR-MIM Sec. 3.3 and supplementary Alg. 1).
 
-    mask: (B, N) with 1 = masked, the same count in every row. Of the masked tokens, N_mask -
-    num_throw are retained: `random` at random; `furthest` greedily, the first at random, then
-    again and again the masked token furthest (Euclidean, grid coordinates) from all retained so
-    far (Eq. 1). Vectorised over the batch and the candidates: one small step per retained token.
-    Returns thrown (B, N) bool."""
+    mask: (B, N) with 1 = masked. Of the masked tokens, num_keep are retained: `random` at random;
+    `furthest` greedily, the first at random, then again and again the masked token furthest
+    (Euclidean, grid coordinates) from all retained so far (Eq. 1). Vectorised over the batch and
+    the candidates: one small step per retained token. rand: (B, 2, N) uniform draws, drawn here
+    if not given. Returns thrown (B, N) bool."""
     B, N = mask.shape
     masked = mask.bool()
-    num_keep = int(masked[0].sum()) - num_throw  # retained masked tokens per sample
-    rand = torch.rand(2, B, N, generator=generator, device=mask.device)  # (2, B, N)
-    if sampling == "random" or num_throw == 0 or num_keep == 0:
+    if rand is None:
+        rand = torch.rand(B, 2, N, device=mask.device)  # (B, 2, N)
+    rand = rand.transpose(0, 1)  # (2, B, N)
+    if sampling == "random" or num_keep == 0:
         order = torch.where(masked, rand[0], 2.0).argsort(dim=1)  # (B, N), masked ones first
         kept = torch.zeros_like(masked).scatter(1, order[:, :num_keep], True)  # (B, N)
         return masked & ~kept
@@ -171,13 +172,22 @@ def throw_tokens(mask, num_throw, sampling, generator=None):
     return masked & (free > -math.inf)  # (B, N), the masked tokens never retained
 
 
-def sample_inputs(cfg, generator):
-    """Random inputs of one sample, drawn in the data workers, where the paper runs furthest
-    sampling (Sec. 3.3): the mask (N,), 1 = masked, and the thrown tokens (N,) bool."""
-    mask = simmim_masking(cfg, 1, generator)  # (1, N)
-    num_throw = int(mask.shape[1] * cfg.throw)
-    thrown = throw_tokens(mask, num_throw, cfg.sampling, generator)  # (1, N)
-    return {"mask": mask[0], "thrown": thrown[0]}
+def retained(cfg):
+    """The masked tokens retained for the encoder, per image: the masked ones (ceil(M ratio) mask
+    patches of (mask_patch_size / patch_size)^2 tokens each) less gamma N (PR-MIM Sec. 3.1)."""
+    mask_count = math.ceil((cfg.img_size // cfg.mask_patch_size) ** 2 * cfg.mask_ratio)
+    num_masked = mask_count * (cfg.mask_patch_size // cfg.patch_size) ** 2
+    return num_masked - int((cfg.img_size // cfg.patch_size) ** 2 * cfg.throw)
+
+
+def sample_inputs(cfg, draws):
+    """A batch's random inputs, drawn by the loader, where the paper runs furthest sampling
+    (Sec. 3.3), for the whole batch on the device, each sample's fixed by its place in the run
+    (draws(*shape) -> (B, *shape) uniform): the mask (B, N), 1 = masked, and the thrown tokens."""
+    mask_patches = (cfg.img_size // cfg.mask_patch_size) ** 2
+    mask = simmim_masking(cfg, draws(mask_patches))  # (B, N)
+    thrown = throw_tokens(mask, retained(cfg), cfg.sampling, draws(2, mask.shape[1]))  # (B, N)
+    return {"mask": mask, "thrown": thrown}
 
 
 class SimMIM(nn.Module):
@@ -258,11 +268,13 @@ class SimMIM(nn.Module):
         return (loss * mask).sum() / (masked_pixels + 1e-5) / self.cfg.in_chans
 
     def forward(self, imgs, mask=None, thrown=None):
-        if mask is None:
-            mask = simmim_masking(self.cfg, imgs.shape[0], device=imgs.device)  # (B, N)
+        if mask is None:  # not drawn by the loader: drawn here
+            mask_patches = (self.cfg.img_size // self.cfg.mask_patch_size) ** 2
+            noise = torch.rand(imgs.shape[0], mask_patches, device=imgs.device)  # (B, M)
+            mask = simmim_masking(self.cfg, noise)  # (B, N)
         mask = mask.float()
-        if thrown is None:  # not drawn in the data workers: drawn here
-            thrown = throw_tokens(mask, self.num_throw, self.cfg.sampling)  # (B, N) bool
+        if thrown is None:  # not drawn by the loader: drawn here
+            thrown = throw_tokens(mask, retained(self.cfg), self.cfg.sampling)  # (B, N) bool
         num_dec = self.num_patches - self.num_throw  # the visible and retained tokens
         ids_dec = torch.argsort(thrown.int(), dim=1, stable=True)[:, :num_dec]  # (B, N_dec)
         latent = self.forward_encoder(imgs, mask, ids_dec)  # (B, 1 + N_dec, D)
