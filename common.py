@@ -229,15 +229,18 @@ PRESETS = {
         warmup_epochs=20,
         num_workers=8,
     ),
-    # the paper's recipe: ViT-B/16 at 224 px, 4,096 images a step (64 per GPU x 64 GPUs)
+    # the paper's recipe, ViT-B/16 at 224 px and 4,096 images a step, sized for one node of 8
+    # H100s: 256 images per GPU x 8 GPUs x 2 accumulated; 6 workers per GPU read the files, the
+    # GPU decodes them (docs/training.md, "One node of 8 GPUs")
     "imagenet": dict(
         img_size=224,
         **VIT_SIZES["base"],
         data="imagenet",
-        batch_size=64,
+        batch_size=256,
+        accum_iter=2,
         epochs=800,
         warmup_epochs=40,
-        num_workers=10,
+        num_workers=6,
     ),
 }
 
@@ -284,7 +287,7 @@ class TrainConfig:
     seed: int = 0  # seeds the initialisation, data order, augmentation and masks
     num_workers: int = 8  # data-loading processes per training process
     amp: str = "bf16"  # autocast on GPU: bf16 | fp16 (with a gradient scaler) | fp32; CPU: fp32
-    compile: bool = False  # torch.compile the model
+    compile: bool | None = None  # torch.compile the model (default: on a GPU, not on a CPU)
     log_every: int = 20  # write a line to log.jsonl every N steps
     ckpt_every: int = 0  # also save a checkpoint every N steps (0 = at epoch ends and the end)
     vis_every: int = 0  # also save a picture, vis-epochNNNN.png, every N epochs (0 = never)
@@ -293,6 +296,7 @@ class TrainConfig:
     resume: bool = False  # continue the run in --out from its checkpoint, exactly
     overwrite: bool = False  # replace a run already in --out
     device: str = "auto"  # auto (GPU if there is one) | cpu | cuda | cuda:N
+    skip_bad_images: bool = False  # skip images that cannot be read (logged) instead of stopping
 
     def __post_init__(self):
         positive = "epochs batch_size accum_iter log_every"
@@ -317,6 +321,7 @@ RESUME_MAY_CHANGE = {
     "vis_every",
     "compile",
     "device",
+    "skip_bad_images",
 }
 
 # --------------------------------------------------------------------------------------------------
@@ -552,12 +557,13 @@ def restore_loop(ckpt, optimizer, scaler, ema):
 
 
 def wrap_model(model, device, world, compile):
-    """The model as the loop runs it: in DDP on several processes, compiled if asked."""
+    """The model as the loop runs it: in DDP on several processes, compiled if asked (None: on a
+    GPU, not on a CPU, where compiling takes longer than these runs train)."""
     net = model
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if compile:
+    if compile or (compile is None and device.type == "cuda"):
         net = torch.compile(net)
     return net
 
@@ -627,6 +633,21 @@ def to_device(batch, device):
     labels = labels.to(device, non_blocking=True)
     inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
     return imgs, labels, inputs
+
+
+@contextlib.contextmanager
+def saved_before_unreadable(save, out):
+    """An image the loader cannot read (an OSError naming a file, not one of the run folder's)
+    stops the run after the state of the last completed step is saved, with one line saying how
+    to go on."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None or Path(e.filename).parent == out:
+            raise
+        save()
+        fix = f"replace or remove it, then continue with --resume --out {out}"
+        raise ValueError(f"{e}: {fix} (or pass --skip-bad-images)") from None
 
 
 def gradient_sync(net, sync):
@@ -743,7 +764,9 @@ def train(
     logged_step = step
     loss_sum = torch.zeros((), device=device)
     start = tick = time.perf_counter()
-    with stop_signals() as signals, progress_bar(title, step, schedule.stop, console, main) as bar:
+    save = functools.partial(save_run, out / "checkpoint.pt", checkpoint, main, world)
+    bar = progress_bar(title, step, schedule.stop, console, main)
+    with stop_signals() as signals, bar as bar, saved_before_unreadable(save, out):
         if evaluate_first and step == 0:  # before training: the floor of every later number
             log("before training: ", end_of_epoch(0), step=0, epoch=0)
         # the steps, each over tcfg.accum_iter micro-batches
@@ -778,7 +801,16 @@ def train(
                     raise diverged(loss_mean, logged_step + 1, step, epoch + 1, saved_step, out)
                 ips = steps * images_per_step * world / (time.perf_counter() - tick)
                 epochs = round(step / steps_per_epoch, 4)
-                log(step=step, epoch=epochs, loss=loss_mean, lr=lr, img_per_s=round(ips, 1))
+                skipped = getattr(loader, "skipped", None)  # images that could not be read
+                skipped = {"skipped_images": len(skipped)} if skipped else {}
+                log(
+                    step=step,
+                    epoch=epochs,
+                    loss=loss_mean,
+                    lr=lr,
+                    img_per_s=round(ips, 1),
+                    **skipped,
+                )
                 bar(completed=step, loss=loss_mean, lr=lr, ips=ips)
                 loss_sum.zero_()
                 logged_step = step
@@ -788,7 +820,7 @@ def train(
                 metrics = end_of_epoch(epoch + 1)
                 log(f"epoch {epoch + 1}: ", metrics, step=step, epoch=epoch + 1, elapsed_s=elapsed)
             if save_now or stop_asked:
-                save_run(out / "checkpoint.pt", checkpoint, main, world)
+                save()
                 saved_step = step
             if stop_asked:
                 how = f"continue with --resume --out {out}"
@@ -839,7 +871,7 @@ def pretrain(model, cfg, tcfg, loader, val_loader, method, code_files, picture=N
     model.to(device)
     groups = param_groups(model, tcfg.weight_decay)
     # AdamW with the MAE paper's betas (Appendix A.1)
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True)
     # a method whose forward takes the labels gets them (e.g. one pairing images by class)
     takes_labels = "labels" in inspect.signature(model.forward).parameters
     config = dict(config=dataclasses.asdict(cfg), train=dataclasses.asdict(tcfg))

@@ -21,6 +21,7 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
+import data_sets
 from evaluation import loader_bench
 
 
@@ -59,7 +60,7 @@ FIGURES = {  # key: (title, format)
     "step_ms_min": ("step ms (min)", "{:.1f}"),
     "images_per_s": ("img/s", "{:.0f}"),
     "mfu": ("MFU", "{:.1%}"),  # on a GPU of PEAK_BF16 only
-    "inputs_ms": ("inputs ms/img (workers)", "{:.3f}"),
+    "inputs_ms": ("inputs ms/img", "{:.4f}"),
 }
 # peak dense bf16 tensor FLOP/s by a word of torch.cuda.get_device_name, the first match counting:
 # half the sparse figures of NVIDIA's datasheets, A100 624 (SXM, PCIe), H100 1,979 (SXM), 1,513
@@ -226,24 +227,27 @@ def saved_bytes(model, imgs, inputs, math_attention=False):
     return sum(storages.values())
 
 
-def make_inputs(cfg, sample_inputs, batch_size, seed=0, timed_calls=64):
-    """The collated per-sample inputs of a batch, and the median milliseconds of one sample_inputs
-    call on one thread, as in a data worker (the median: a call the operating system preempts does
-    not count)."""
+def make_inputs(cfg, sample_inputs, batch_size, device, seed=0, calls=5):
+    """The method's inputs of a batch, drawn on `device` as the loader draws them, and the median
+    milliseconds per image of drawing them for the batch (the median of `calls` timed calls, after
+    one untimed)."""
     if sample_inputs is None:
         return {}, 0.0
-    threads = torch.get_num_threads()
-    samples = []
+    keys = data_sets.sample_keys(seed, 0, torch.arange(batch_size, device=device))
     times = []
-    torch.set_num_threads(1)
-    sample_inputs(cfg, torch.Generator().manual_seed(seed))  # untimed: it pays one-off costs
-    for i in range(max(batch_size, timed_calls)):
+    for _ in range(calls + 1):
+        sync(device)
         tick = time.perf_counter()
-        samples.append(sample_inputs(cfg, torch.Generator().manual_seed(seed + i)))
+        batch = sample_inputs(cfg, data_sets.Draws(keys, first=1))
+        sync(device)
         times.append(time.perf_counter() - tick)
-    torch.set_num_threads(threads)
-    batch = torch.utils.data.default_collate(samples[:batch_size])
-    return batch, statistics.median(times) * 1e3
+    return batch, statistics.median(times[1:]) * 1e3 / batch_size
+
+
+def sync(device):
+    """Wait for the device's work (a GPU's: its kernels run after the host returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure(
@@ -267,7 +271,7 @@ def measure(
     model = model_cls(cfg).to(device).train()
     cuda = device.type == "cuda"
     imgs = torch.randn(batch_size, cfg.in_chans, cfg.img_size, cfg.img_size)
-    inputs, inputs_ms = make_inputs(cfg, sample_inputs, batch_size, seed)
+    inputs, inputs_ms = make_inputs(cfg, sample_inputs, batch_size, device, seed)
     if "labels" in inspect.signature(model.forward).parameters:
         inputs["labels"] = torch.arange(batch_size)
     imgs = imgs.to(device)
@@ -287,11 +291,10 @@ def measure(
         row["peak_gpu_mb"] = None
         row["saved_mb_math"] = saved_bytes(model, imgs, inputs, math_attention=True) / 2**20
     groups = common.param_groups(model, common.TrainConfig.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=1e-6, betas=(0.9, 0.95), fused=cuda)  # as pretrain
+    optimizer = torch.optim.AdamW(groups, lr=1e-6, betas=(0.9, 0.95), fused=True)  # as pretrain
     amp_dtype = common.autocast_dtype(amp, device)
     net = torch.compile(model) if compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    sync = torch.cuda.synchronize if cuda else lambda device: None
     for i in range(warmup + steps):
         if i == warmup and cuda:
             torch.cuda.reset_peak_memory_stats(device)

@@ -228,7 +228,7 @@ def run_finetune(model, info, ecfg, fcfg, code_files, console):
         clf.head.load_state_dict(ckpt["head"]["head"])
     groups = layer_decay_groups(clf, fcfg.weight_decay, fcfg.layer_decay)
     # betas (0.9, 0.999): official
-    opt = torch.optim.AdamW(groups, lr=0.0, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(groups, lr=0.0, fused=True)
     ema = None
     if fcfg.ema:
         average = get_ema_multi_avg_fn(fcfg.ema)

@@ -58,13 +58,17 @@ def reconstructions(
 ):
     """The columns (label, (n, 3, H, W) in [0, 1]) of the picture of the first n images: original,
     masked input, reconstruction, reconstruction + visible patches, then each boolean (N,) input of
-    `sample_inputs` (seeded by (seed, index); e.g. the tokens a method throws away) in red; and a
-    note on how the predictions are shown. normalized_target: the model predicts per-patch
+    `sample_inputs` (drawn for keys (seed, 0, index); e.g. the tokens a method throws away) in red;
+    and a note on how the predictions are shown. normalized_target: the model predicts per-patch
     normalised pixels (each patch's own mean and std taken out), shown as `norm_pix` says."""
     tf = data_sets.transform(data, img_size, False)
-    ds = data_sets.SeededDataset(dataset, tf, sample_inputs, seed)
+    ds = data_sets.SeededDataset(dataset, tf, seed)
     first = [ds[(0, i)] for i in range(min(n, len(dataset)))]
-    imgs, labels, inputs = torch.utils.data.default_collate(first)
+    imgs, labels, _ = torch.utils.data.default_collate(first)
+    inputs = {}
+    if sample_inputs:  # as a loader draws them: the second call of each sample's draws
+        keys = data_sets.sample_keys(seed, 0, torch.arange(len(imgs)))
+        inputs = sample_inputs(data_sets.Draws(keys, first=1))
     if "labels" in inspect.signature(model.forward).parameters:
         inputs = {**inputs, "labels": labels}
     device = next(model.parameters()).device

@@ -55,7 +55,7 @@ def loader_for(
     starts each epoch)."""
     sampler = data_sets.EpochSampler(len(dataset), shuffle, seed=seed, rank=rank, world=world)
     sampler.set_epoch(epoch)
-    data = data_sets.SeededDataset(dataset, tf, None, seed)
+    data = data_sets.SeededDataset(dataset, tf, seed)
     return data_sets.make_loader(data, batch_size, sampler, num_workers, shuffle, device)
 
 

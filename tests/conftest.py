@@ -172,3 +172,16 @@ class ForkedCli:
         self.server.stdin.close()
         self.server.wait(timeout=60)
         self.tmp.cleanup()
+
+
+def drawn_inputs(module, cfg, batch_size, seed=0, epoch=0):
+    """A method's inputs of a batch of samples 0 .. batch_size - 1, as a loader draws them (its
+    sample_inputs with the samples' Draws, after their crop's), on the CPU; {} if it draws none."""
+    import torch
+
+    import data_sets
+
+    if not hasattr(module, "sample_inputs"):
+        return {}
+    keys = data_sets.sample_keys(seed, epoch, torch.arange(batch_size))
+    return module.sample_inputs(cfg, data_sets.Draws(keys, first=1))

@@ -343,7 +343,7 @@ def test_visualize_masks_are_seedable_and_norm_pix_is_labelled():
     # (mask ratio 0.75), here patches 1, 4, 6 and 15 of the 4 x 4 grid of 8-px patches (row-major)
     noise = torch.ones(16)
     noise[[1, 4, 6, 15]] = 0
-    fixed = (model, data, "patterns", 32, lambda g: {"noise": noise}, True)
+    fixed = (model, data, "patterns", 32, lambda draws: {"noise": noise.expand(4, -1)}, True)
     columns, _ = pictures.reconstructions(*fixed, n=4)
     (label, original), (_, masked), (_, recon), (_, pasted) = columns[:4]
     assert label == "original" and columns[1][0] == "masked (75%)"
@@ -365,11 +365,11 @@ def test_boolean_inputs_are_drawn_as_an_overlay():
     model = mae.MAE(mae.Config(**TINY))
     data = data_sets.load_dataset("patterns", "val", size=2, img_size=32)
 
-    thrown = torch.zeros(16, dtype=torch.bool)
-    thrown[[1, 2]] = True  # patches 1 and 2: the first row, second and third columns
+    thrown = torch.zeros(2, 16, dtype=torch.bool)
+    thrown[:, [1, 2]] = True  # patches 1 and 2: the first row, second and third columns
 
-    def draw(generator):  # a method whose per-sample inputs include a boolean (N,) tensor
-        return {**mae.sample_inputs(model.cfg, generator), "thrown": thrown}
+    def draw(draws):  # a method whose inputs include a boolean (B, N) tensor
+        return {**mae.sample_inputs(model.cfg, draws), "thrown": thrown}
 
     model.forward = lambda imgs, noise, thrown: mae.MAE.forward(model, imgs, noise=noise)
     columns, _ = pictures.reconstructions(model, data, "patterns", 32, draw, True, n=2)

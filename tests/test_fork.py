@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, ForkedCli
 
 import common
+import data_sets
 
 KNOB = "    my_knob: float = 0.5  # my idea's knob: scales the loss\n"
 TINY = ("--preset", "tiny", "--max-steps", 2)
@@ -139,8 +140,8 @@ def test_every_evaluation_command_runs_on_a_fork_from_its_checkpoint(fork_run):
 
 
 def test_a_fork_loaded_from_a_checkpoint_pickles_for_data_workers(fork_run):
-    """Data-loading workers started by spawn or forkserver unpickle sample_inputs by its module's
-    name."""
+    """A fork's bound sample_inputs pickles by its module's name (as anything handed to a spawned
+    process must), and draws the batch's inputs."""
     import cli
 
     _, run, _ = fork_run
@@ -149,7 +150,9 @@ def test_a_fork_loaded_from_a_checkpoint_pickles_for_data_workers(fork_run):
     draw = pickle.loads(
         pickle.dumps(cli.bound_inputs(module, module.Config(img_size=32, patch_size=8)))
     )
-    assert draw.func is module.sample_inputs and draw(common.torch.Generator()).keys() == {"noise"}
+    keys = data_sets.sample_keys(0, 0, common.torch.arange(2))
+    assert draw.func is module.sample_inputs
+    assert draw(data_sets.Draws(keys)).keys() == {"noise"}
 
 
 def test_bad_method_files_get_one_line_errors(tmp_path):

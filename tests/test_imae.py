@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli, run_torchrun
+from conftest import drawn_inputs, run_cli, run_torchrun
 
 import cli
 import common
@@ -25,10 +25,7 @@ def tiny_config(**overrides):
 
 
 def batch_inputs(cfg, n, seed=0):
-    samples = [
-        imae.sample_inputs(cfg, torch.Generator().manual_seed(seed * 1000 + i)) for i in range(n)
-    ]
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    return drawn_inputs(imae, cfg, n, seed=seed)
 
 
 def write_mae_checkpoint(path, **overrides):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, ForkedCli, run_cli
+from conftest import ROOT, ForkedCli, drawn_inputs, run_cli
 
 import common
 import mae
@@ -67,9 +67,9 @@ def test_decoder_sees_exactly_the_visible_and_retained_tokens():
     neither thrown nor missing, in grid order."""
     torch.manual_seed(0)
     model = pr_mim.PRMIM(pr_mim.Config(**GRID14))
-    inputs = [pr_mim.sample_inputs(model.cfg, torch.Generator().manual_seed(i)) for i in range(2)]
-    noise = torch.stack([s["noise"] for s in inputs])
-    thrown = torch.stack([s["thrown"] for s in inputs])
+    inputs = drawn_inputs(pr_mim, model.cfg, 2)
+    noise = inputs["noise"]
+    thrown = inputs["thrown"]
     with torch.no_grad():
         model.decoder_embed.weight.zero_()
         model.decoder_embed.bias.zero_()
@@ -109,16 +109,16 @@ def test_furthest_sampling_count_determinism_and_spread():
     cfg = pr_mim.Config(**GRID14)
     noise = torch.rand(20, 196, generator=torch.Generator().manual_seed(0))
     masks = mae.random_masking(torch.zeros(20, 196, 1), 0.75, noise)[1]  # (20, 196)
-    thrown = pr_mim.throw_tokens(masks, 98, "furthest", torch.Generator().manual_seed(1))
+
+    def draws(seed):
+        return torch.rand(20, 2, 196, generator=torch.Generator().manual_seed(seed))
+
+    thrown = pr_mim.throw_tokens(masks, 147 - 98, "furthest", draws(1))  # 49 of 147 retained
     assert thrown.dtype == torch.bool and (thrown.sum(1) == 98).all()
     assert not (thrown & (masks == 0)).any()  # only masked tokens are thrown
-    assert torch.equal(
-        thrown, pr_mim.throw_tokens(masks, 98, "furthest", torch.Generator().manual_seed(1))
-    )
-    assert not torch.equal(
-        thrown, pr_mim.throw_tokens(masks, 98, "furthest", torch.Generator().manual_seed(2))
-    )
-    rand = pr_mim.throw_tokens(masks, 98, "random", torch.Generator().manual_seed(1))
+    assert torch.equal(thrown, pr_mim.throw_tokens(masks, 49, "furthest", draws(1)))
+    assert not torch.equal(thrown, pr_mim.throw_tokens(masks, 49, "furthest", draws(2)))
+    rand = pr_mim.throw_tokens(masks, 49, "random", draws(1))
     assert (rand.sum(1) == 98).all() and not (rand & (masks == 0)).any()
     kept_far = masks.bool() & ~thrown
     kept_rand = masks.bool() & ~rand
@@ -126,18 +126,17 @@ def test_furthest_sampling_count_determinism_and_spread():
     near = sum(min_pairwise_distance(k, 14) for k in kept_rand) / 20
     # furthest: retained tokens never side by side (>= sqrt 2); random: often
     assert far > near + 0.3, (far, near)
-    # sample_inputs draws the same as the model would and hands over a boolean (N,) `thrown`
-    inputs = pr_mim.sample_inputs(cfg, torch.Generator().manual_seed(0))
-    assert inputs["thrown"].shape == (196,) and inputs["thrown"].dtype == torch.bool
-    model_mask = mae.random_masking(torch.zeros(1, 196, 1), 0.75, inputs["noise"][None])[1][0]
-    assert inputs["thrown"].sum() == 98 and not (inputs["thrown"] & (model_mask == 0)).any()
+    # sample_inputs masks as the model does and hands over a boolean (B, N) `thrown`
+    inputs = drawn_inputs(pr_mim, cfg, 3)
+    assert inputs["thrown"].shape == (3, 196) and inputs["thrown"].dtype == torch.bool
+    model_mask = mae.random_masking(torch.zeros(3, 196, 1), 0.75, inputs["noise"])[1]
+    assert (inputs["thrown"].sum(1) == 98).all() and not (
+        inputs["thrown"] & (model_mask == 0)
+    ).any()
 
 
 def batch_inputs(module, cfg, batch_size):
-    samples = [
-        module.sample_inputs(cfg, torch.Generator().manual_seed(i)) for i in range(batch_size)
-    ]
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    return drawn_inputs(module, cfg, batch_size)
 
 
 def supervised_tokens(model, module, imgs):
@@ -282,7 +281,8 @@ def test_simmim_fork_throw_zero_reduces_to_simmim_on_the_same_weights_and_mask()
     model = pr_mim_simmim.SimMIM(pr_mim_simmim.Config(**SIMMIM_TINY, throw=0.0))
     model.load_state_dict(reference.state_dict())  # strict: throw 0 has exactly SimMIM's parameters
     imgs = torch.randn(3, 3, 32, 32)
-    mask = simmim.simmim_masking(reference.cfg, 3)
+    mask_patches = (reference.cfg.img_size // reference.cfg.mask_patch_size) ** 2
+    mask = simmim.simmim_masking(reference.cfg, torch.rand(3, mask_patches))
     loss, pred, _ = model(imgs, mask=mask)
     loss_ref, pred_ref, _ = reference(imgs, mask=mask)
     torch.testing.assert_close(loss, loss_ref)

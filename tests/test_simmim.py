@@ -70,7 +70,7 @@ def test_mask_token_replaces_masked_patches_only():
 def test_masking_is_over_mask_patches_upsampled_to_model_patches():
     cfg = simmim.Config()  # ViT-B/16 at 224: 32-px mask patches, ratio 0.6
     assert cfg.mask_patch_size == 32
-    mask = simmim.simmim_masking(cfg, 4, torch.Generator().manual_seed(0))
+    mask = simmim.simmim_masking(cfg, torch.rand(4, 49, generator=torch.Generator().manual_seed(0)))
     assert mask.shape == (4, 196)
     assert (mask.sum(1) == 30 * 4).all()  # ceil(49 * 0.6) mask patches of 2 x 2 model patches
     blocks = mask.view(4, 7, 2, 7, 2)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import drawn_inputs
 
 import cli
 import common
@@ -130,10 +131,7 @@ def test_every_method_trains_one_step_and_gives_features(method):
     torch.manual_seed(0)
     model = model_cls(cfg)
     imgs = torch.randn(B, cfg.in_chans, cfg.img_size, cfg.img_size)
-    inputs = {}
-    if hasattr(module, "sample_inputs"):
-        samples = [module.sample_inputs(cfg, torch.Generator().manual_seed(i)) for i in range(B)]
-        inputs = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    inputs = drawn_inputs(module, cfg, B)
     loss, pred, mask = model(imgs, **inputs)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
     assert pred.shape == (B, N, cfg.patch_size**2 * cfg.in_chans) and mask.shape == (B, N)
