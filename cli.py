@@ -13,6 +13,7 @@ which the evaluation commands rebuild a fork's model.
 
 import ast
 import dataclasses
+import difflib
 import functools
 import inspect
 import sys
@@ -34,7 +35,7 @@ import mae
 import pr_mim
 import revcolv2
 import simmim
-from evaluation import finetune, loading, pictures, probes, tables
+from evaluation import finetune, loading, pictures, plots, probes, tables
 
 console = Console()
 err_console = Console(stderr=True)
@@ -52,9 +53,22 @@ def find_method(name_or_path, what="method"):
     if name in METHODS:
         return name, *METHODS[name]
     if path.suffix != ".py" or not path.is_file():
-        choices = ", ".join(METHODS)
-        raise ValueError(f"unknown {what} {name!r}: choose one of {choices}, or a method file")
+        raise ValueError(f"unknown {what} {name!r}: {method_hint(path)}")
     return path.stem, *loading.load_method(path.stem, path.read_text(), str(path))
+
+
+def method_hint(path):
+    """What an unknown method name probably meant: its method file, or the nearest built-in names
+    and method files of its folder; else the choices."""
+    if path.with_suffix(".py").is_file() and path.suffix != ".py":
+        return f"did you mean {path.with_suffix('.py')}?"
+    folder = path.parent if path.parent.is_dir() else Path(".")
+    files = {p.name: str(p) for p in folder.glob("*.py") if p.stem not in ("cli", "common")}
+    names = [*METHODS, *files]
+    close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(files.get(c, c) for c in close) + "?"
+    return f"choose one of {', '.join(METHODS)}, or a method file"
 
 
 def method_of(name, ckpt):
@@ -149,7 +163,9 @@ def parse(args, usage, doc, classes, preset):
         elif not eq and types.get(name.removeprefix("no_")) is bool:  # --flag, --no-flag
             given[name.removeprefix("no_")] = not name.startswith("no_")
         elif name not in types:
-            raise ValueError(f"no such option {flag}{see}")
+            close = difflib.get_close_matches(name, types, n=1)
+            hint = f": did you mean --{close[0].replace('_', '-')}?" if close else ""
+            raise ValueError(f"no such option {flag}{hint}{see}")
         elif types[name] is bool:
             raise ValueError(f"{flag} is a flag: pass {flag} or --no-{flag[2:]}{see}")
         elif not (eq or args):
@@ -290,8 +306,9 @@ def pretrain(ctx: typer.Context):
             save_picture, val_set, tcfg, cfg.img_size, sample_inputs, normalized_target(cfg)
         )
     code_files = [module.__file__, common.__file__]
+    knn = probes.knn_monitor(tcfg, cfg.img_size)  # --knn-every: kNN top-1 while it trains
     try:  # an error found in training (e.g. too few images for a step) exits 1, as a diverged run
-        out = common.pretrain(net, cfg, tcfg, *loaders, name, code_files, picture)
+        out = common.pretrain(net, cfg, tcfg, *loaders, name, code_files, picture, knn)
     except ValueError as e:
         raise typer.Exit(error(str(e), 1)) from None
     if rank == 0:
@@ -388,6 +405,20 @@ def table(ctx: typer.Context):
     if tcfg.readme:
         tables.update_readme(tcfg.readme, text)
         console.print(f"updated {tcfg.readme}")
+
+
+@app.command(**RAW)
+def plot(ctx: typer.Context):
+    """Runs side by side in one picture: the training loss, the held-out loss and the kNN curve of
+    each (evaluation/plots.py)."""
+    usage = "python cli.py plot RUN [RUN ...] --out FILE.png"
+    options = [plots.PlotConfig]
+    folders, given = parse(ctx.args or ["--help"], usage, ctx.command.help, options, {})
+    if not folders:
+        raise ValueError(f"plot takes run folders, got none (see `{usage} --help`)")
+    pcfg = build(plots.PlotConfig, given)
+    plots.plot(folders, pcfg.out)
+    console.print(f"wrote {pcfg.out}: {len(folders)} run(s)")
 
 
 def error(message, code=2):

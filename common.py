@@ -13,6 +13,7 @@ Shape legend, used in every file:
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import functools
 import inspect
 import json
@@ -196,6 +197,8 @@ PRESETS = {
         blr=4e-3,
         num_workers=1,
         log_every=8,
+        knn_every=3,  # the kNN curve: 9 points, about 5 % of the run's time (docs/training.md)
+        knn_train_size=2048,
     ),
     # one GPU, hours: ViT-Tiny width on the 8 x 8 grid of 32-px CIFAR images
     "cifar": dict(
@@ -291,6 +294,8 @@ class TrainConfig:
     log_every: int = 20  # write a line to log.jsonl every N steps
     ckpt_every: int = 0  # also save a checkpoint every N steps (0 = at epoch ends and the end)
     vis_every: int = 0  # also save a picture, vis-epochNNNN.png, every N epochs (0 = never)
+    knn_every: int = 0  # kNN top-1 of the encoder before training and every N epochs (0 = never)
+    knn_train_size: int = 0  # its memory bank: N of the training images (0 = --train-size's)
     max_steps: int = 0  # stop after N steps of the full schedule (0 = run all epochs)
     out: str = ""  # run folder for log and checkpoint (default runs/<method>-<data>-<time>)
     resume: bool = False  # continue the run in --out from its checkpoint, exactly
@@ -301,7 +306,7 @@ class TrainConfig:
     def __post_init__(self):
         positive = "epochs batch_size accum_iter log_every"
         non_negative = "warmup_epochs train_size val_size lr min_lr weight_decay clip_grad"
-        non_negative += " num_workers ckpt_every max_steps vis_every"
+        non_negative += " num_workers ckpt_every max_steps vis_every knn_every knn_train_size"
         check_options(self, positive, non_negative)
         if self.blr <= 0 and self.lr <= 0:
             raise ValueError(f"--blr must be positive, got {self.blr}")
@@ -319,6 +324,8 @@ RESUME_MAY_CHANGE = {
     "log_every",
     "ckpt_every",
     "vis_every",
+    "knn_every",
+    "knn_train_size",
     "compile",
     "device",
     "skip_bad_images",
@@ -385,9 +392,7 @@ def load_checkpoint(path):
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        raise ValueError(
-            f"no checkpoint at {path}: pass a run folder (runs/NAME) or a .pt/.pth file"
-        )
+        raise ValueError(f"no checkpoint at {path}: {runs_nearby(path)}")
     # the official MAE scripts pickle their args; older checkpoints of ours hold torch's version
     torch.serialization.add_safe_globals([argparse.Namespace, torch.torch_version.TorchVersion])
     try:
@@ -397,6 +402,22 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path} holds no 'model' state dict: not a checkpoint of ours or MAE's")
     return ckpt
+
+
+def runs_nearby(path):
+    """What to pass instead of a path that holds no checkpoint: the run folders beside it whose
+    names are nearest to it (those with a checkpoint), or what a run folder is."""
+    folder = path.parent if path.name == "checkpoint.pt" else path
+    if folder.is_dir() and (folder / "log.jsonl").exists():
+        return "its run stopped before its first checkpoint: run it again (the same --out)"
+    parent = folder.parent
+    runs = (
+        sorted({p.parent.name for p in parent.glob("*/checkpoint.pt")}) if parent.is_dir() else []
+    )
+    close = difflib.get_close_matches(folder.name, runs, n=3, cutoff=0.4)
+    if close:
+        return "did you mean " + ", ".join(str(parent / name) for name in close) + "?"
+    return "pass a run folder (runs/NAME) or a .pt/.pth file"
 
 
 def unreadable_checkpoint(path, error):
@@ -444,14 +465,18 @@ def prepare_run(method, cfg, tcfg, given):
     tcfg.out = str(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a run folder: pass a folder")
-    if not tcfg.resume:
-        holds_run = (out / "checkpoint.pt").exists() or (out / "log.jsonl").exists()
-        if holds_run and not tcfg.overwrite:
+    if not tcfg.resume:  # a folder whose run stopped before its first checkpoint is taken again
+        if (out / "checkpoint.pt").exists() and not tcfg.overwrite:
             raise ValueError(
                 f"{out} already holds a run: pass --resume to continue it, --overwrite, "
                 "or another --out"
             )
         return cfg, tcfg
+    if not (out / "checkpoint.pt").exists():
+        raise ValueError(
+            f"{out} holds no checkpoint to continue (a run that stopped before its first one): "
+            "run the same command without --resume"
+        )
     ckpt = load_checkpoint(out / "checkpoint.pt")
     if ckpt.get("method") != method:
         raise ValueError(f"{out} holds a {ckpt.get('method')!r} run, not {method!r}")
@@ -619,10 +644,12 @@ def progress_bar(title, step, stop, console, visible=True):
     from rich.progress import MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     fields = "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"
+    fields += "{task.fields[metrics]}"  # the last end of epoch's, e.g. the held-out loss
     columns = [*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TextColumn(fields)]
     columns.append(TimeRemainingColumn())
+    start = dict(total=stop, completed=step, loss=math.nan, lr=0.0, ips=0.0, metrics="")
     with Progress(*columns, console=console, disable=not visible or step >= stop) as progress:
-        task = progress.add_task(title, total=stop, completed=step, loss=math.nan, lr=0.0, ips=0.0)
+        task = progress.add_task(title, **start)
         yield functools.partial(progress.update, task)
 
 
@@ -669,6 +696,12 @@ def optimizer_step(model, optimizer, scaler, clip_grad, ema):
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         ema.update_parameters(model)
+
+
+def shown(metrics):
+    """The end of an epoch's metrics as the progress line shows them."""
+    names = {"val_loss": "held-out", "knn_top1": "kNN"}
+    return "".join(f"  {names.get(k, k)} {v:.4g}" for k, v in metrics.items())
 
 
 def write_log(path, console, say="", metrics=None, **row):
@@ -768,7 +801,9 @@ def train(
     bar = progress_bar(title, step, schedule.stop, console, main)
     with stop_signals() as signals, bar as bar, saved_before_unreadable(save, out):
         if evaluate_first and step == 0:  # before training: the floor of every later number
-            log("before training: ", end_of_epoch(0), step=0, epoch=0)
+            metrics = end_of_epoch(0)
+            log("before training: ", metrics, step=0, epoch=0)
+            bar(metrics=shown(metrics))
         # the steps, each over tcfg.accum_iter micro-batches
         while step < schedule.stop:
             epoch = step // steps_per_epoch
@@ -819,6 +854,7 @@ def train(
                 elapsed = round(time.perf_counter() - start, 1)
                 metrics = end_of_epoch(epoch + 1)
                 log(f"epoch {epoch + 1}: ", metrics, step=step, epoch=epoch + 1, elapsed_s=elapsed)
+                bar(metrics=shown(metrics))
             if save_now or stop_asked:
                 save()
                 saved_step = step
@@ -857,11 +893,12 @@ def evaluate_loss(model, loader, device, amp_dtype, world, seed=0):
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def pretrain(model, cfg, tcfg, loader, val_loader, method, code_files, picture=None):
+def pretrain(model, cfg, tcfg, loader, val_loader, method, code_files, picture=None, knn=None):
     """Pre-train `model`, model(imgs, **inputs [, labels]) -> (loss, pred, mask), on `loader`;
-    the held-out loss before training and after each epoch, and picture(model, path or None,
-    title) every --vis-every epochs. Writes config.json, log.jsonl and checkpoint.pt (model,
-    optimiser, step, configs, the code of `code_files`, git hash) in tcfg.out."""
+    the held-out loss before training and after each epoch, picture(model, path or None, title)
+    every --vis-every epochs, knn(model) -> {"knn_top1": ...} before training and every
+    --knn-every epochs. Writes config.json, log.jsonl and checkpoint.pt (model, optimiser, step,
+    configs, the code of `code_files`, git hash) in tcfg.out."""
     rank, world, device = setup(tcfg)
     epoch_steps(loader.sampler.n, world, tcfg)  # before anything is written
     out = Path(tcfg.out)
@@ -890,10 +927,13 @@ def pretrain(model, cfg, tcfg, loader, val_loader, method, code_files, picture=N
     def end_of_epoch(epoch):
         amp_dtype = autocast_dtype(tcfg.amp, device)
         val_loss = evaluate_loss(model, val_loader, device, amp_dtype, world, seed=tcfg.seed)
+        metrics = {"val_loss": val_loss}
         if picture and tcfg.vis_every and epoch and epoch % tcfg.vis_every == 0:
             path = out / f"vis-epoch{epoch:04d}.png" if rank == 0 else None
             picture(model, path, f"{method}, epoch {epoch}, held-out images.")  # on every process
-        return {"val_loss": val_loss}
+        if knn and tcfg.knn_every and epoch % tcfg.knn_every == 0:  # on every process, alike
+            metrics.update(knn(model))
+        return metrics
 
     def state():
         return {"model": model.state_dict(), **meta}

@@ -76,8 +76,18 @@ class SeededDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
+        return self.transformed(key, self.base[key[1]])
+
+    def __getitems__(self, keys):  # a DataLoader's batch: the base's items in one call if it can
+        if hasattr(self.base, "__getitems__"):
+            items = self.base.__getitems__([index for _, index in keys])
+        else:
+            items = [self.base[index] for _, index in keys]
+        return [self.transformed(key, item) for key, item in zip(keys, items)]
+
+    def transformed(self, key, item):
         epoch, index = key
-        img, label = self.base[index]
+        img, label = item
         with torch.random.fork_rng(devices=[]):  # torchvision transforms draw from the global RNG
             torch.default_generator.manual_seed(hash((self.seed, epoch, index)) % 2**32)
             img = self.transform(img)

@@ -3,6 +3,7 @@ tokens), weighted kNN on them, and the linear probe (BatchNorm + Linear). extrac
 knn_scores stand on their own, for any caller with a model and a data set. Protocol:
 docs/evaluation.md."""
 
+import functools
 import json
 import time
 from collections import OrderedDict
@@ -80,12 +81,21 @@ def extract_features(
     device = next(model.parameters()).device
     tf = data_sets.transform(data, model.cfg.img_size, augment)
     loader = loader_for(dataset, tf, batch_size, num_workers, device, seed=seed, epoch=epoch)
+    if bar:
+        loader = bar.track(loader, description=f"{label} features")
+    return features_of(model, ((imgs, labels) for imgs, labels, _ in loader), pixels)
+
+
+@torch.no_grad()
+def features_of(model, batches, pixels=False):
+    """extract_features' features (M, D) and labels (M,) of batches [(images, labels)] given."""
+    device = next(model.parameters()).device
     dtype = common.autocast_dtype("bf16", device)
     was_training = model.training
     model.eval()
     feats = []
     labels = []
-    for imgs, y, _ in bar.track(loader, description=f"{label} features") if bar else loader:
+    for imgs, y in batches:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             imgs = imgs.to(device, non_blocking=True)
             x = imgs.flatten(1) if pixels else model.forward_features(imgs).mean(1)  # (B, D)
@@ -113,6 +123,37 @@ def knn_scores(train_feats, train_labels, test_feats, classes, k=20, temperature
         weights = (sim / temperature).exp()
         votes.append(torch.zeros(len(part), classes).scatter_add_(1, train_labels[idx], weights))
     return torch.cat(votes)  # (M_test, classes)
+
+
+def knn_top1(model, train_batches, val_batches, classes, k=20, temperature=0.07):
+    """{"knn_top1": ...}: the kNN of `cli.py knn` (its defaults: k 20, T 0.07) of batches of
+    images [(images, labels)] prepared as it prepares them, without a result folder: the monitor
+    of pre-training, called with the model as it trains. It draws nothing at random, so training
+    goes on as it would without it."""
+    train_f, train_y = features_of(model, train_batches)
+    val_f, val_y = features_of(model, val_batches)
+    scores = knn_scores(train_f, train_y, val_f, classes, k, temperature)
+    return {"knn_top1": accuracy(scores, val_y, topk=(1,))[0]}
+
+
+def knn_monitor(tcfg, img_size):
+    """The kNN monitor of a pre-training run (--knn-every), None if off: knn_top1 with the first
+    --knn-train-size training images (a fixed subset; all of --train-size's if 0) as the memory
+    bank and the held-out images of --val-size as the queries, as `cli.py knn RUN --train-size
+    KNN_TRAIN_SIZE` takes them. Their images are prepared once and kept (in batches of 256, on the
+    host); each call only runs the encoder."""
+    if not tcfg.knn_every:
+        return None
+    bank = tcfg.knn_train_size or tcfg.train_size
+    sets = dict(root=tcfg.data_dir, img_size=img_size, download=tcfg.download)
+    train_set = data_sets.load_dataset(tcfg.data, "train", size=bank, **sets)
+    val_set = data_sets.load_dataset(tcfg.data, "val", size=tcfg.val_size, **sets)
+    tf = data_sets.transform(tcfg.data, img_size, False)
+    cpu = torch.device("cpu")
+    loaders = [loader_for(ds, tf, 256, 0, cpu) for ds in (train_set, val_set)]  # once: no workers
+    train, val = ([(imgs, labels) for imgs, labels, _ in loader] for loader in loaders)
+    classes = len(train_set.classes)
+    return functools.partial(knn_top1, train_batches=train, val_batches=val, classes=classes)
 
 
 def init_head(module, std):  # a classifier head: trunc normal weights, zero bias (official)
