@@ -10,8 +10,8 @@ tokens and hurts the encoder. PR-MIM keeps the saving and gets the supervision b
 decoder has reconstructed the visible and retained tokens, the thrown positions are filled with
 zeros and one depth-wise convolution over the 2D grid rebuilds them from their neighbours, so
 every masked token is in the loss again ("progressive reconstruction"). Which masked tokens are
-retained matters, so they are chosen spread out over the image ("furthest sampling"), in the data
-workers.
+retained matters, so they are chosen spread out over the image ("furthest sampling"), by the
+loader for the whole batch on the device.
 
 Changes relative to mae.py:
 - Config: `throw` (gamma, a fraction of all N tokens, 0 <= gamma <= mask ratio), `sampling`
