@@ -244,7 +244,12 @@ def resolve(module, preset, model, given, overrides=None):
 # --------------------------------------------------------------------------------------------------
 # The commands: each reads its own arguments (ctx.args), its options from the dataclasses above
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    help=__doc__.split("\n")[0],
+)
 RAW = dict(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     add_help_option=False,
@@ -365,7 +370,8 @@ def evaluation_command(command, options, run):
             what = f"{command} {result['method']}{init} on {result['data']}"
             console.print(f"{what}: {top}; result folder {out}")
 
-    app.command(command, help=run.__doc__.strip().splitlines()[0], **RAW)(evaluation_body)
+    summary = run.__doc__.strip().split("\n\n")[0]  # its docstring's first paragraph
+    app.command(command, help=summary, **RAW)(evaluation_body)
 
 
 evaluation_command("knn", probes.KnnConfig, probes.run_knn)

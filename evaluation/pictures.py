@@ -166,8 +166,11 @@ def save_grid(columns, path, title="", scale=0):
 
 
 def run_visualize(model, info, ecfg, vcfg, sample_inputs, normalized_target, console):
-    """A PNG grid of the first images (see reconstructions); the picture's path and (width,
-    height). normalized_target: the model predicts per-patch normalised pixels."""
+    """A PNG of the first images of a split (held-out by default): the original, the masked input,
+    the reconstruction, and the reconstruction with the visible patches pasted back.
+
+    Returns the picture's path and (width, height); normalized_target: the model predicts per-patch
+    normalised pixels."""
     data, dataset = eval_datasets(ecfg, info, (vcfg.split,))
     init = "-random-init" if ecfg.random_init else ""
     name = f"reconstructions{init}-{data}-{vcfg.split}-s{ecfg.seed}.png"
