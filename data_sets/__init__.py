@@ -7,9 +7,11 @@ and has `.classes`. Every random draw of the loaders is fixed by (seed, epoch, i
     readers.py   the data sets by name (DATASETS, load_dataset); Fashion-MNIST and CIFAR in memory
     folders.py   data sets of image files (ImageNet, `folder`, Tiny-ImageNet), via ImageFolder
     draws.py     the random draws of a batch, fixed by each sample's (seed, epoch, index)
-    loaders.py   the augmentation, SeededDataset, EpochSampler, and the pre-training loaders
+    augment.py   evaluation's transforms and pre-training's crops (batched, and per image)
+    loaders.py   SeededDataset, EpochSampler, and the pre-training loaders of the three data paths
 """
 
+from .augment import normalize, resize_weights, resized_crops, transform
 from .draws import Draws, crop_boxes, sample_keys
 from .loaders import (
     BatchedLoader,
@@ -18,13 +20,9 @@ from .loaders import (
     WorkerLoader,
     choose_path,
     make_loader,
-    normalize,
     pretrain_loader,
     pretrain_loaders,
     reads_files,
-    resize_weights,
-    resized_crops,
-    transform,
 )
 from .patterns import Patterns
 from .readers import (

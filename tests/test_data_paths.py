@@ -1,5 +1,6 @@
-"""The pre-training data paths (data_sets/loaders.py): the batched on-device augmentation of data
-held in memory, the worker path, and files decoded on the device (run on the CPU device here).
+"""The pre-training data paths (data_sets/loaders.py and augment.py): the batched on-device
+augmentation of data held in memory, the worker path, and files decoded on the device (run on
+the CPU device here).
 Every draw fixed by (seed, epoch, index) whatever the batch, path or process split (draws.py),
 RandomResizedCrop's crop distribution, flips, normalisation, torchvision's resize, the choice of
 path, uint8 across processes, unreadable images, and a bitwise resume through the command line."""
