@@ -663,17 +663,21 @@ def to_device(batch, device):
 
 
 @contextlib.contextmanager
-def saved_before_unreadable(save, out):
+def saved_before_unreadable(save, out, world):
     """An image the loader cannot read (an OSError naming a file, not one of the run folder's)
     stops the run after the state of the last completed step is saved, with one line saying how
-    to go on."""
+    to go on. Under torchrun only the process that read it knows: it stops at once (a save would
+    wait for the others, which wait in the step's all-reduce), torchrun stops the others, and the
+    run continues from its last checkpoint (the last epoch's end or --ckpt-every)."""
     try:
         yield
     except OSError as e:
         if e.filename is None or Path(e.filename).parent == out:
             raise
-        save()
-        fix = f"replace or remove it, then continue with --resume --out {out}"
+        if world == 1:
+            save()
+        last = "" if world == 1 else " from its last checkpoint"
+        fix = f"replace or remove it, then continue{last} with --resume --out {out}"
         raise ValueError(f"{e}: {fix} (or pass --skip-bad-images)") from None
 
 
@@ -799,7 +803,7 @@ def train(
     start = tick = time.perf_counter()
     save = functools.partial(save_run, out / "checkpoint.pt", checkpoint, main, world)
     bar = progress_bar(title, step, schedule.stop, console, main)
-    with stop_signals() as signals, bar as bar, saved_before_unreadable(save, out):
+    with stop_signals() as signals, bar as bar, saved_before_unreadable(save, out, world):
         if evaluate_first and step == 0:  # before training: the floor of every later number
             metrics = end_of_epoch(0)
             log("before training: ", metrics, step=0, epoch=0)

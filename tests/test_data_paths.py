@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_torchrun
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
@@ -368,3 +368,19 @@ def test_an_unreadable_image_saves_the_run_and_resume_continues_once_replaced(tm
     assert r.returncode == 0 and "skipped an image" in r.stderr, r.stderr[-2000:]
     rows = [json.loads(line) for line in (skipping / "log.jsonl").read_text().splitlines()]
     assert max(row.get("skipped_images", 0) for row in rows) == 2  # once an epoch
+
+
+# 14 s
+@pytest.mark.slow
+def test_under_torchrun_an_unreadable_image_stops_every_process_with_one_line(tmp_path):
+    """Only the process that reads the broken file knows of it: it stops at once with the line
+    (a save would wait for the others, who wait in the step's all-reduce: the run hung), and
+    torchrun stops the others."""
+    root = jpeg_folder(tmp_path / "data", [(40, 60)] * 12, bad="broken.jpg")
+    args = ("pretrain", "mae", "--preset", "tiny", "--data", "folder", "--data-dir", root)
+    args += ("--batch-size", 2, "--epochs", 2, "--log-every", 1, "--num-workers", 1)
+    r = run_torchrun(*args, "--out", tmp_path / "run", timeout=120)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "broken.jpg" in lines[0], r.stderr[-2000:]
+    assert "continue from its last checkpoint with --resume" in lines[0]
