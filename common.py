@@ -681,6 +681,20 @@ def saved_before_unreadable(save, out, world):
         raise ValueError(f"{e}: {fix} (or pass --skip-bad-images)") from None
 
 
+def set_lr(optimizer, lr):
+    """The step's learning rate in every parameter group, times the group's `lr_scale`
+    (fine-tuning's layer-wise decay); returns lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+def skipped_images(loader):
+    """{"skipped_images": count} of the images the loader could not read and skipped, else {}."""
+    skipped = getattr(loader, "skipped", None)
+    return {"skipped_images": len(skipped)} if skipped else {}
+
+
 def gradient_sync(net, sync):
     """DDP's no_sync unless `sync`: micro-batches add up their gradients locally, and the
     processes average them at the last one."""
@@ -815,9 +829,7 @@ def train(
                 loader.sampler.set_epoch(epoch, start=(step % steps_per_epoch) * images_per_step)
                 batches = iter(loader)
                 bar(description=f"epoch {epoch + 1}/{tcfg.epochs}")
-            lr = schedule.lr(step)
-            for group in optimizer.param_groups:  # lr_scale: fine-tuning's layer-wise decay
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+            lr = set_lr(optimizer, schedule.lr(step))
             for micro in range(tcfg.accum_iter):
                 imgs, labels, inputs = to_device(next(batches), device)
                 # every draw here (drop path, mixup, a method's noise) is seeded by its place
@@ -839,17 +851,8 @@ def train(
                 if not math.isfinite(loss_mean):
                     raise diverged(loss_mean, logged_step + 1, step, epoch + 1, saved_step, out)
                 ips = steps * images_per_step * world / (time.perf_counter() - tick)
-                epochs = round(step / steps_per_epoch, 4)
-                skipped = getattr(loader, "skipped", None)  # images that could not be read
-                skipped = {"skipped_images": len(skipped)} if skipped else {}
-                log(
-                    step=step,
-                    epoch=epochs,
-                    loss=loss_mean,
-                    lr=lr,
-                    img_per_s=round(ips, 1),
-                    **skipped,
-                )
+                rates = dict(lr=lr, img_per_s=round(ips, 1), **skipped_images(loader))
+                log(step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_mean, **rates)
                 bar(completed=step, loss=loss_mean, lr=lr, ips=ips)
                 loss_sum.zero_()
                 logged_step = step
