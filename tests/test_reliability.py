@@ -37,6 +37,10 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         128,
         "--log-every",
         1,
+        "--knn-every",  # the kNN monitor: every process computes it alike, rank 0 logs it
+        1,
+        "--knn-train-size",
+        64,
     )
     one = tmp_path / "one"
     two = tmp_path / "two"
@@ -53,6 +57,10 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert len(val(one)) == len(val(two)) == 2  # before training and after the epoch
     # held-out loss reduced across ranks
     assert all(abs(x - y) < 1e-5 for x, y in zip(val(one), val(two)))
+    knn = lambda run: [row["knn_top1"] for row in read_log(run) if "knn_top1" in row]  # noqa: E731
+    assert len(knn(one)) == len(knn(two)) == 2
+    assert knn(one)[0] == knn(two)[0]  # the same initial weights
+    assert abs(knn(one)[1] - knn(two)[1]) <= 2 / 64  # weights a float order apart: a query or two
     assert common.load_checkpoint(two)["world_size"] == 2
 
 
